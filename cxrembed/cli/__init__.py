@@ -1,0 +1,43 @@
+"""The ``cxrembed`` command: parse, call one library function, print.
+
+Each area registers its commands from its own module (``cli/data.py``, ``cli/adapt.py``,
+...) on the one ``app`` of :mod:`cxrembed.cli.common`; the library does the work and never
+prints.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from cxrembed import __version__
+from cxrembed.cli.common import app, console, run_guarded
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cxrembed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """cxrembed: adapt CLIP once, encode once, then iterate in seconds on cached vectors."""
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+# Command modules register themselves on `app` when imported.
+from cxrembed.cli import data as _data  # noqa: E402,F401
+
+
+def main() -> None:
+    """Console-script entry point."""
+    run_guarded(app)

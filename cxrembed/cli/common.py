@@ -1,0 +1,65 @@
+"""What every command shares: the consoles, the error edge, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from cxrembed.errors import CxrembedError
+
+app = typer.Typer(
+    name="cxrembed",
+    help="Label-efficient chest X-ray diagnosis on cached CLIP embeddings.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)  # tables, progress, messages
+stdout = Console()  # results meant for pipes (--json)
+
+
+def run_guarded(app: typer.Typer) -> None:
+    """Run the app; a CxrembedError becomes a red message and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except CxrembedError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: what was written so far is kept; "
+                      "rerun with --resume to continue")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def print_json(obj: Any) -> None:
+    """Write one JSON document to stdout (nothing else goes to stdout)."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+    from pathlib import Path
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

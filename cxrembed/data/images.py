@@ -1,0 +1,107 @@
+"""Decoding NIH PNGs to what CLIP expects, and the paper's training augmentation.
+
+Every image goes through two stages:
+
+1. :func:`decode` reads a PNG (mode L, RGB, RGBA, 8 or 16 bit) into a ``size``×``size``
+   uint8 grayscale array: the shorter side resized to ``size`` with area averaging
+   (no aliasing), then centre-cropped, as CLIP's own preprocessing does. This is what the
+   pixel cache stores.
+2. :mod:`cxrembed.data.transforms` turns a batch of such arrays into normalised float
+   tensors; its :class:`~cxrembed.data.transforms.TrainAugment` runs the paper's
+   augmentation batched on tensors, on the GPU when there is one.
+
+This module needs numpy and OpenCV only, so decoding worker processes start fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cxrembed.errors import DataError
+
+IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DECODERS = ("opencv", "pil")
+#: Recorded in stores and checkpoints so a mismatched use can be refused.
+PREPROCESSING = {
+    "decode": "grayscale, area resize of the shorter side, centre crop",
+    "size": IMAGE_SIZE,
+    "mean": list(CLIP_MEAN),
+    "std": list(CLIP_STD),
+    "channels": "gray replicated to RGB",
+}
+
+
+def _resize_crop(gray: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    h, w = gray.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        gray = cv2.resize(gray, (nw, nh), interpolation=interp)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(gray[top:top + size, left:left + size])
+
+
+def _to_uint8_gray(img: np.ndarray) -> np.ndarray:
+    """Any decoded array (H×W, H×W×3, H×W×4; uint8 or uint16) to H×W uint8 gray."""
+    import cv2
+
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+        elif img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        else:
+            img = img[..., 0]
+    if img.dtype == np.uint16:
+        # Use the whole 16-bit range: scaling by 1/257 maps 65535 to 255 exactly.
+        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"unsupported pixel type {img.dtype}")
+    return img
+
+
+def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") -> np.ndarray:
+    """Read one image file into a ``size``×``size`` uint8 grayscale array.
+
+    ``opencv`` is the fast default (measured in ``benchmarks/bench_decode.py``); ``pil``
+    is the reference. Both give the same geometry; pixel values agree to within 1-2
+    grey levels (different area-resize rounding).
+    """
+    path = str(path)
+    if decoder == "opencv":
+        import cv2
+
+        buf = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+        if buf is None:
+            raise DataError(f"image {path} does not exist")
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
+        if img is None:
+            raise DataError(f"cannot decode image {path}: not an image, or truncated; "
+                            "re-download it or drop it from the lists")
+        gray = _to_uint8_gray(img)
+    elif decoder == "pil":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    arr = np.asarray(im).astype(np.uint16)
+                    gray = _to_uint8_gray(arr)
+                else:
+                    gray = np.asarray(im.convert("L"))
+        except FileNotFoundError:
+            raise DataError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DataError(f"cannot decode image {path}: {exc}; re-download it or drop it "
+                            "from the lists") from None
+    else:
+        raise DataError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
+    return _resize_crop(gray, size)
