@@ -63,3 +63,35 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------
+# Options every command that reads an NIH folder takes (declare once, reuse by name).
+
+from pathlib import Path  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+DataArg = Annotated[Path, typer.Argument(help="NIH ChestX-ray14 folder (official layout, "
+                                         "images/ or flat).")]
+CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Metadata CSV elsewhere "
+                                                "(Data_Entry_2017*.csv[.gz]).")]
+TrainValListOpt = Annotated[Optional[Path], typer.Option("--train-val-list",
+                                                         help="train_val_list.txt elsewhere.")]
+TestListOpt = Annotated[Optional[Path], typer.Option("--test-list", help="test_list.txt elsewhere.")]
+ViewOpt = Annotated[str, typer.Option("--view", help="Keep PA, AP or all views.")]
+ValFractionOpt = Annotated[float, typer.Option("--val-fraction",
+                                               help="Share of train_val patients held out as val.")]
+SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the patient split.")]
+AllowMissingOpt = Annotated[bool, typer.Option(
+    "--allow-missing", help="Continue with the images present on disk (e.g. the 5% sample).")]
+
+
+def load_dataset(data: Path, csv: Path | None, train_val_list: Path | None,
+                 test_list: Path | None, view: str, val_fraction: float, split_seed: int,
+                 allow_missing: bool, keep_missing: bool = False):
+    """The one call every data-reading command makes."""
+    from cxrembed.data import load_nih
+
+    return load_nih(data, csv_path=csv, train_val_list=train_val_list, test_list=test_list,
+                    view=view, val_fraction=val_fraction, seed=split_seed,
+                    missing="keep" if keep_missing else ("drop" if allow_missing else "error"))

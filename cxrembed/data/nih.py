@@ -250,7 +250,8 @@ def find_images(root: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     dirs = [root / "images", root]
     try:
-        top = sorted(e for e in os.scandir(root) if e.is_dir() and e.name.startswith("images_"))
+        top = sorted((e for e in os.scandir(root) if e.is_dir() and e.name.startswith("images_")),
+                     key=lambda e: e.name, reverse=True)
     except OSError as exc:
         raise DataError(f"cannot list data folder {root}: {exc}") from exc
     for entry in top:
@@ -308,7 +309,7 @@ def load_nih(
     meta = read_metadata(meta_path)
     row_of = {name: r for r, name in enumerate(meta["image_id"])}
 
-    split = np.full(len(row_of), "", dtype="<U5")
+    split = np.full(len(row_of), "", dtype="<U9")  # fits "train_val"
     for list_path, name in ((tv_path, "train_val"), (test_path, "test")):
         names = read_list(list_path)
         unknown = [n for n in names if n not in row_of]
@@ -366,6 +367,7 @@ def load_nih(
                  "val_fraction": str(val_fraction), "seed": str(seed)},
         **meta,
     ).subset(np.flatnonzero(keep))
+    dataset.split = dataset.split.astype("<U5")
     log.info("loaded %d images of %d patients from %s", len(dataset),
              len(np.unique(dataset.patient_id)), root)
     return dataset

@@ -1,0 +1,26 @@
+"""Shared fixtures: a small synthetic NIH twin, the real NIH files when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
+
+
+@pytest.fixture(scope="session")
+def twin(tmp_path_factory) -> Path:
+    """A 240-image synthetic twin at 64 px (read-only: copy before changing it)."""
+    from cxrembed.data.synth import make_twin
+
+    return make_twin(tmp_path_factory.mktemp("twin") / "nih", images=240, size=64, seed=0,
+                     workers=1)
+
+
+@pytest.fixture(scope="session")
+def shared_nih() -> Path:
+    """The real NIH files of ../shared/nih; tests using it skip when it is absent."""
+    if not (SHARED_NIH / "Data_Entry_2017_v2020.csv.gz").is_file():
+        pytest.skip("../shared/nih is absent (a fresh clone has no real NIH files)")
+    return SHARED_NIH
