@@ -30,6 +30,9 @@ def run_guarded(app: typer.Typer) -> None:
     except CxrembedError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
+    except OSError as exc:  # disk full, permissions, a folder that is not there
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: what was written so far is kept; "
                       "rerun with --resume to continue")
