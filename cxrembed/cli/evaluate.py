@@ -1,0 +1,220 @@
+"""Evaluation commands on a store: ``zeroshot``, ``evaluate``, ``fewshot``, ``compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from cxrembed.cli.common import app, console, print_json
+from cxrembed.errors import ConfigError
+from cxrembed.labels import LABELS
+
+StoreArg = Annotated[Path, typer.Argument(
+    help="Embedding store (.h5) written by `cxrembed encode`.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split to score (test, val or train).")]
+BootstrapOpt = Annotated[int, typer.Option(
+    "--bootstrap", help="Patient-level bootstrap resamples for 95% intervals (0: none).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the resamples (and draws).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+OutJsonOpt = Annotated[Optional[Path], typer.Option(
+    "--out", help="Also save the result JSON here.")]
+PromptsOpt = Annotated[Optional[Path], typer.Option(
+    "--prompts", help="JSON {class: {positive: [...], negative: [...]}}; prompts not in the "
+                      "store are encoded with its text tower.")]
+
+
+def _f(x: Optional[float], digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _show_eval(result: Any, json_out: bool, title: str) -> None:
+    if json_out:
+        print_json(result.to_dict())
+        return
+    table = Table(title=f"{title}: {result.split} split, {result.n_rows:,} images")
+    table.add_column("class")
+    table.add_column("AUC", justify="right")
+    table.add_column("95% CI (patients)", justify="right")
+    for i, name in enumerate(LABELS):
+        ci = "" if result.ci is None else f"{_f(result.ci.low[i])} - {_f(result.ci.high[i])}"
+        table.add_row(name, _f(result.auc[i]), ci)
+    ci = "" if result.ci is None else f"{_f(result.ci.mean_low)} - {_f(result.ci.mean_high)}"
+    table.add_row("[bold]mean", f"[bold]{_f(result.mean_auc)}", ci)
+    console.print(table)
+
+
+@app.command()
+def zeroshot(
+    store: StoreArg,
+    prompts: PromptsOpt = None,
+    split: SplitOpt = "test",
+    bootstrap: BootstrapOpt = 1000,
+    seed: SeedOpt = 0,
+    out: OutJsonOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Text zero-shot (CheXzero: softmax of positive vs negative prompt similarity)."""
+    from cxrembed.fewshot import evaluate_zeroshot
+
+    result = evaluate_zeroshot(store, prompts=prompts, split=split, bootstrap=bootstrap,
+                               seed=seed)
+    if out is not None:
+        result.save(out)
+    _show_eval(result, json_out, "text zero-shot")
+
+
+@app.command()
+def evaluate(
+    store: StoreArg,
+    head: Annotated[str, typer.Option(
+        "--head", help="Head to evaluate: adapted (the adapted run's own head, its logits "
+                       "stored).")] = "adapted",
+    split: SplitOpt = "test",
+    bootstrap: BootstrapOpt = 1000,
+    seed: SeedOpt = 0,
+    out: OutJsonOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The adapted model's own head on a split (the figure the paper calls zero-shot)."""
+    from cxrembed.fewshot import evaluate_adapted_head
+
+    if head != "adapted":
+        raise ConfigError(f"unknown --head {head!r}; `evaluate` scores the stored adapted head "
+                          "(--head adapted); for few-shot heads use `cxrembed fewshot`")
+    result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed)
+    if out is not None:
+        result.save(out)
+    _show_eval(result, json_out, "adapted head")
+
+
+_SHORT = {"CheXzero": "ChXz", "ImCLIP": "ImCL", "CXR-CLIP": "CXRC", "MoCoCLIP": "MoCo",
+          "Dalsania 2025": "paper", "zeroshot": "zs", "adapted-head": "adapt", "linear": "lin"}
+LEGEND = ("* published; ChXz CheXzero, ImCL ImCLIP, CXRC CXR-CLIP, MoCo MoCoCLIP, zs text "
+          "zero-shot, adapt the adapted head, X@K head X at K shots (mean over seeds)")
+
+
+def _short(column: str) -> str:
+    """Narrow headers: 'CheXzero (published)' -> 'ChXz*', 'linear 16-shot' -> 'lin@16'."""
+    star = column.endswith(" (published)")
+    column = column.removesuffix(" (published)")
+    tag = ""
+    if column.endswith("]"):
+        column, tag = column[:column.rindex(" [")], column[column.rindex(" [") + 1:]
+    shots = ""
+    if column.endswith("-shot"):
+        column, shots = column[:-5].rsplit(" ", 1)
+        shots = f"@{shots}"
+    return _SHORT.get(column, column) + shots + ("*" if star else "") + tag
+
+
+def _ci_text(cell: dict[str, Any]) -> str:
+    return f"[{_f(cell['ci_low'])}, {_f(cell['ci_high'])}]" if cell["ci_low"] is not None else ""
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def fewshot(
+    store: StoreArg,
+    shots: Annotated[str, typer.Option(
+        "--shots", help="Shots per class, comma-separated.")] = "1,2,4,8,16",
+    seeds: Annotated[int, typer.Option("--seeds", help="Draws per shot count.")] = 10,
+    heads: Annotated[str, typer.Option(
+        "--heads", help="Comma-separated: mlp, linear, knn, tip, zeroshot, adapted."
+    )] = "mlp,linear,knn,tip,zeroshot",
+    init: Annotated[str, typer.Option(
+        "--init", help="mlp start: random, or adapted (the adapted run's head weights)."
+    )] = "random",
+    no_finding: Annotated[bool, typer.Option(
+        "--no-finding/--no-no-finding", help="Add K 'No Finding' images as negatives.")] = True,
+    prompts: PromptsOpt = None,
+    bootstrap: BootstrapOpt = 1000,
+    ci: Annotated[str, typer.Option(
+        "--ci", help="pooled (fast, conservative), full (exact, seeds x slower) or none."
+    )] = "pooled",
+    seed: SeedOpt = 0,
+    out: Annotated[Path, typer.Option(
+        "--out", help="Folder for JSON, CSV, config and plot.")] = Path("fewshot"),
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Few-shot sweep: shots x seeds x heads on the store's vectors, scored on test."""
+    from cxrembed.fewshot import run_fewshot
+
+    result = run_fewshot(store, out=out, prompts=prompts, progress=not no_progress,
+                         shots=_int_list(shots, "--shots"), seeds=seeds,
+                         heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+                         init=init, no_finding=no_finding, bootstrap=bootstrap, ci=ci,
+                         seed=seed)
+    if json_out:
+        print_json({"summary": result.summary, "timing": result.timing, "out": str(out)})
+        return
+    table = Table(title=f"few-shot mean AUC on {result.source['n_test']:,} test images: "
+                        f"mean +- std over {result.config.seeds} seeds [95% CI, patients]")
+    table.add_column("head")
+    shot_list = sorted({row["shots"] for row in result.summary})
+    for k in shot_list:
+        table.add_column(f"{k}-shot" if k else "0-shot", justify="right")
+    for head in dict.fromkeys(row["head"] for row in result.summary):
+        cells = {row["shots"]: row["mean_auc"] for row in result.summary if row["head"] == head}
+        table.add_row(head, *[
+            "" if k not in cells else
+            f"{_f(cells[k]['mean'])} +- {_f(cells[k]['std'], 3)}\n"
+            f"[dim]{escape(_ci_text(cells[k]))}[/]"
+            for k in shot_list])
+    console.print(table)
+    console.print(f"[green]saved[/] {out}/fewshot.json, fewshot_auc.csv, fewshot_summary.csv, "
+                  f"fewshot_mean_auc.png ({result.timing['total_s']:.1f} s)")
+
+
+@app.command()
+def compare(
+    results: Annotated[list[Path], typer.Argument(
+        help="Few-shot result folders/JSON and `zeroshot`/`evaluate --out` JSON files.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="Folder for comparison JSON/CSV (default: beside the first result)."
+    )] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Our protocols beside the paper's Table 1 and few-shot table."""
+    from cxrembed.compare import PER_CLASS_NOTE, compare_results
+
+    first = results[0]
+    out = out or (first if first.is_dir() else first.parent)
+    comparison = compare_results(results, out=out)
+    if json_out:
+        print_json(comparison.to_dict())
+        return
+    rows = comparison.table1()
+    table = Table(title="NIH ChestX-ray14 test AUC in the layout of the paper's Table 1 "
+                        "(* = published)", box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("class", no_wrap=True)
+    for key in list(rows[0])[1:]:
+        table.add_column(escape(_short(key)), justify="right", min_width=5)
+    for row in rows:
+        table.add_row(row["class"], *[_f(v, 3) for k, v in row.items() if k != "class"])
+    console.print(table)
+    console.print(f"[dim]{LEGEND}[/]")
+    console.print(f"[yellow]note:[/] {PER_CLASS_NOTE}")
+    few = comparison.fewshot_table()
+    table = Table(title="Few-shot mean AUC (* paper: one draw, one seed; ours: mean +- std "
+                        "over seeds)", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for key in few[0]:
+        table.add_column(escape(_short(str(key))), justify="right", min_width=6)
+    for row in few:
+        table.add_row(str(row["shots"]), *[
+            _f(v) if not isinstance(v, dict) else f"{_f(v['mean'])}±{_f(v['std'], 3)}"
+            for k, v in row.items() if k != "shots"])
+    console.print(table)
+    console.print(f"[green]saved[/] {out}/comparison.json, comparison_table1.csv, "
+                  "comparison_fewshot.csv")

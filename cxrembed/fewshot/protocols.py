@@ -1,0 +1,99 @@
+"""The training-free protocols on their own: text zero-shot and the adapted head.
+
+The paper's "zero-shot" figure (0.7502) is its adapted model's supervised head on the test
+set, with no text prompt: cxrembed reports that as ``adapted-head``
+(:func:`evaluate_adapted_head`) and offers real text zero-shot (:func:`evaluate_zeroshot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, DataError
+from cxrembed.fewshot.data import EvalData, as_eval_data
+from cxrembed.fewshot.results import to_jsonable, json_number, per_class_dict
+from cxrembed.labels import LABELS
+from cxrembed.metrics import BootstrapCI, bootstrap_auc, mean_auc, per_class_auc
+
+
+@dataclass
+class EvalResult:
+    """One protocol scored on one split: per-class AUCs, mean, patient-bootstrap CI."""
+
+    protocol: str
+    split: str
+    auc: np.ndarray
+    ci: BootstrapCI | None
+    n_rows: int
+    source: dict[str, Any]
+
+    @property
+    def mean_auc(self) -> float:
+        return mean_auc(self.auc, warn=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"format": "cxrembed.eval", "protocol": self.protocol, "split": self.split,
+               "n_rows": self.n_rows, "labels": list(LABELS), "auc": per_class_dict(self.auc),
+               "mean_auc": json_number(self.mean_auc), "source": self.source}
+        if self.ci is not None:
+            out["ci"] = self.ci.to_dict()
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=to_jsonable))
+        return path
+
+
+def _evaluate(protocol: str, data: EvalData, scores_of: Callable[[np.ndarray], np.ndarray],
+              split: str, bootstrap: int, level: float, seed: int) -> EvalResult:
+    rows = data.rows(split)
+    if not len(rows):
+        raise DataError(f"no {split} rows to evaluate")
+    scores = scores_of(rows)
+    y = data.labels[rows]
+    if bootstrap:
+        ci = bootstrap_auc(y, scores, data.patient_id[rows], n_resamples=bootstrap,
+                           level=level, seed=seed)
+        auc = ci.auc
+    else:
+        ci, auc = None, per_class_auc(y, scores)
+    return EvalResult(protocol, split, auc, ci, len(rows), data.source)
+
+
+def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
+                      bootstrap: int = 1000, level: float = 0.95, seed: int = 0
+                      ) -> EvalResult:
+    """Text zero-shot (CheXzero style) on ``split``. Stored prompts need no model weights;
+    ``prompts`` (dict or JSON file) not in the store are encoded with its text tower."""
+    from cxrembed.heads import make_head
+
+    data = as_eval_data(source, prompts=prompts, need_text=True)
+    try:
+        if data.text is None:
+            raise ConfigError("zero-shot needs prompt embeddings (EvalData.text)")
+        head = make_head("zeroshot", text=data.text)
+        return _evaluate("zeroshot", data, lambda rows: head.predict(data.vectors(rows)[1]),
+                         split, bootstrap, level, seed)
+    finally:
+        if data is not source:
+            data.close()
+
+
+def evaluate_adapted_head(source: Any, *, split: str = "test", bootstrap: int = 1000,
+                          level: float = 0.95, seed: int = 0) -> EvalResult:
+    """The adapted model's own head on ``split`` (the figure the paper calls zero-shot)."""
+    data = as_eval_data(source, need_text=False)
+    try:
+        return _evaluate("adapted-head", data, data.logits, split, bootstrap, level, seed)
+    finally:
+        if data is not source:
+            data.close()

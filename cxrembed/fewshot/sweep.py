@@ -1,0 +1,310 @@
+"""The sweep: shots x seeds x heads on cached vectors, scored on the test split.
+
+Order of work: the training-free heads (zeroshot, adapted) are scored once; then for each
+shot count, every seed's sample is drawn (train and val), and each head is fitted on every
+seed's sample (``fit_many`` trains the seeds together where a head has it) and predicts
+the test vectors. Test labels are touched only by the scorer, in a second thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, DataError
+from cxrembed.fewshot.config import TEXT_HEADS, TRAINING_FREE, FewShotConfig
+from cxrembed.fewshot.data import EvalData, as_eval_data
+from cxrembed.fewshot.results import FewShotResult, json_number, per_class_dict
+from cxrembed.fewshot.sampling import seeded_rng, shot_orders, take_shots
+from cxrembed.heads.base import single_thread
+from cxrembed.labels import LABELS, NUM_CLASSES
+from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percentile_interval,
+                              replicate_aucs, resample_patients)
+
+
+class _Scorer:
+    """Point AUCs and patient-bootstrap replicates on the test split, resamples shared by
+    every head and shot count (so cells are compared on the same resamples)."""
+
+    def __init__(self, labels: np.ndarray, patient_id: np.ndarray, config: FewShotConfig):
+        self.labels = labels
+        self.index = np.unique(patient_id, return_inverse=True)[1].reshape(-1)
+        self.method = config.ci if config.bootstrap else "none"
+        self.level = config.level
+        self.seeds = config.seeds
+        self.weights = (resample_patients(int(self.index.max()) + 1, config.bootstrap,
+                                          config.seed) if self.method != "none" else None)
+
+    def score(self, scores: np.ndarray, seed_slot: int | None
+              ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Point AUCs and the replicates this seed contributes (all for training-free)."""
+        if self.weights is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return per_class_auc(self.labels, scores, warn=False), None
+        w = self.weights
+        if seed_slot is not None and self.method == "pooled":
+            w = self.weights[:, seed_slot::self.seeds]
+        return replicate_aucs(self.labels, scores, self.index, w)
+
+    def summarise(self, points: list[np.ndarray], reps: list[np.ndarray | None],
+                  training_free: bool) -> dict[str, Any]:
+        """Mean +- std over seeds and the interval of the seed mean, per class and macro."""
+        points_arr = np.stack(points)  # (S, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean_c = points_arr.mean(axis=0)
+            std_c = points_arr.std(axis=0, ddof=1) if len(points) > 1 else np.zeros(NUM_CLASSES)
+        macro = np.array([mean_auc(p, warn=False) for p in points_arr])
+        low_c = high_c = np.full(NUM_CLASSES, np.nan)
+        mean_low = mean_high = float("nan")
+        if reps[0] is not None:
+            if training_free or self.method == "full":
+                rep = np.mean(np.stack(reps), axis=0)  # (B, C): seed mean per resample
+                rep_macro = macro_replicates(mean_c, rep)
+            else:  # pooled: seed mean + the deviation of the seed each resample scored
+                rep = np.concatenate([r - p for p, r in zip(points, reps)]) + mean_c
+                rep_macro = np.concatenate([macro_replicates(p, r) - m for p, r, m in
+                                            zip(points, reps, macro)]) + macro.mean()
+            low_c, high_c = percentile_interval(rep, self.level)
+            low, high = percentile_interval(rep_macro[:, None], self.level)
+            mean_low, mean_high = float(low[0]), float(high[0])
+        return {
+            "n_seeds": len(points),
+            "mean_auc": {"mean": json_number(macro.mean()),
+                         "std": json_number(macro.std(ddof=1)) if len(points) > 1 else 0.0,
+                         "ci_low": json_number(mean_low), "ci_high": json_number(mean_high)},
+            "per_class": {name: {"mean": json_number(m), "std": json_number(s),
+                                 "ci_low": json_number(lo), "ci_high": json_number(hi)}
+                          for name, m, s, lo, hi in zip(LABELS, mean_c, std_c, low_c, high_c)},
+        }
+
+
+def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
+                 init_state: dict | None) -> dict[str, Any]:
+    from cxrembed.heads import HEADS
+
+    kwargs = dict(config.head_options.get(name, {}))
+    kwargs["seed"] = seed
+    if getattr(HEADS[name], "needs_text", False):
+        kwargs["text"] = data.text
+    if name == "mlp" and init_state is not None:
+        kwargs["init_state"] = init_state
+    return kwargs
+
+
+def run_fewshot(source: Any, config: FewShotConfig | None = None, *,
+                out: str | os.PathLike | None = None, prompts: Any = None,
+                progress: bool = False, keep_scores: bool = False, **options: Any
+                ) -> FewShotResult:
+    """Run the sweep shots x seeds x heads on ``source`` (store path, store or EvalData).
+
+    ``options`` are :class:`FewShotConfig` fields (``shots``, ``seeds``, ``heads``, ...),
+    applied over ``config``. With ``out`` the result is also saved there
+    (:meth:`FewShotResult.save`); ``keep_scores`` keeps every test score matrix in
+    ``result.scores``.
+    """
+    base = dataclasses.asdict(config) if config is not None else {}
+    config = FewShotConfig.from_dict({**base, **options})
+    started = time.perf_counter()
+    data = as_eval_data(source, prompts=prompts,
+                        need_text=any(h in TEXT_HEADS for h in config.heads))
+    try:
+        with _Sweep(data, config, keep_scores) as sweep:
+            sweep.score_training_free()
+            sweep.score_few_shot(progress)
+            result = sweep.result(started)
+    finally:
+        if data is not source:
+            data.close()
+    if out is not None:
+        result.save(out)
+    return result
+
+
+class _Sweep:
+    """The state of one sweep: test vectors, the scorer, and the scoring thread.
+
+    Scoring (AUCs + bootstrap replicates) runs in a second thread while the next head
+    fits: fits are pinned to one core, numpy's sorting and sparse products release the
+    GIL, so the two overlap on a 2-core machine. Results do not depend on the timing.
+    """
+
+    def __init__(self, data: EvalData, config: FewShotConfig, keep_scores: bool) -> None:
+        if any(h in TEXT_HEADS for h in config.heads) and data.text is None:
+            raise ConfigError("heads zeroshot and tip need prompt embeddings (EvalData.text)")
+        self.data, self.config = data, config
+        self.test = data.rows(config.test_split)
+        self.train, self.val = data.rows("train"), data.rows("val")
+        if not len(self.test) or not len(self.train):
+            raise DataError(f"the sweep needs train and {config.test_split} rows; found "
+                            f"{len(self.train)} train, {len(self.test)} {config.test_split}")
+        self.x_test_raw, self.x_test_unit = data.vectors(self.test)
+        self.scorer = _Scorer(data.labels[self.test].astype(np.uint8),
+                              data.patient_id[self.test], config)
+        self.trained = [h for h in config.heads if h not in TRAINING_FREE]
+        self.free = [h for h in config.heads if h in TRAINING_FREE]
+        self.init_state = (data.adapted_state()
+                           if config.init == "adapted" and "mlp" in self.trained else None)
+        self.runs: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.scores: dict | None = {} if keep_scores else None
+        self.fit_seconds = {h: 0.0 for h in config.heads}
+        self.pending: list[tuple[dict[str, Any], Future]] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrembed-score")
+
+    def __enter__(self) -> "_Sweep":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    def _timed_score(self, scores: np.ndarray, seed: int | None) -> tuple[Any, Any, float]:
+        t0 = time.perf_counter()
+        point, reps = self.scorer.score(scores, seed)
+        return point, reps, time.perf_counter() - t0
+
+    def record(self, head: str, shots: int, seed: int | None, scores: np.ndarray,
+               seconds: float, selected: dict, n_train: int = 0, n_val: int = 0) -> None:
+        run = {"head": head, "shots": shots, "seed": seed, "auc": None, "mean_auc": None,
+               "selected": selected, "seconds": seconds, "n_train": n_train, "n_val": n_val}
+        self.runs.append(run)
+        self.fit_seconds[head] += seconds
+        self.pending.append((run, self.pool.submit(self._timed_score, scores, seed)))
+        if self.scores is not None:
+            self.scores[(head, shots, seed)] = scores.astype(np.float32)
+
+    def score_training_free(self) -> None:
+        """Zero-shot and the adapted head: one score set each, shots 0, no seed."""
+        from cxrembed.heads import make_head
+
+        for head in self.free:
+            t0 = time.perf_counter()
+            if head == "adapted":
+                scores = self.data.logits(self.test)
+            else:
+                scores = make_head("zeroshot", text=self.data.text).predict(self.x_test_unit)
+            self.record(head, 0, None, scores, time.perf_counter() - t0, {})
+
+    def score_few_shot(self, progress: bool) -> None:
+        """Every (shots, seed) draw, every trained head on it. A head class with
+        ``fit_many`` (mlp) trains the seeds of one shot count together."""
+        from cxrembed.progress import progress_bar
+
+        config, data = self.config, self.data
+        if "mlp" in self.trained:
+            import torch  # noqa: F401  (loaded now so single_thread() can pin its threads)
+        orders = [(shot_orders(data.labels, self.train, seeded_rng(config.seed, seed, 0),
+                               config.no_finding),
+                   shot_orders(data.labels, self.val, seeded_rng(config.seed, seed, 1),
+                               config.no_finding) if len(self.val) else None)
+                  for seed in range(config.seeds)]
+        total = len(config.shots) * config.seeds * len(self.trained)
+        with progress_bar(total, "few-shot sweep", enabled=progress and total > 0,
+                          unit="fit") as advance:
+            for shots in config.shots:
+                draws = []
+                for seed, (train_orders, val_orders) in enumerate(orders):
+                    rows_train = take_shots(train_orders, shots)
+                    rows_val = (take_shots(val_orders, shots) if val_orders
+                                else np.zeros(0, np.int64))
+                    self.samples.append(_sample_record(data, shots, seed, rows_train,
+                                                       rows_val))
+                    draws.append(_Draw(data, seed, rows_train, rows_val))
+                for name in self.trained:
+                    self._fit_head(name, shots, draws)
+                    advance(len(draws), head=name)
+
+    def _fit_head(self, name: str, shots: int, draws: list["_Draw"]) -> None:
+        """One head on every seed's draw at this shot count; scores handed to scoring."""
+        from cxrembed.heads import HEADS, make_head
+
+        heads = [make_head(name, **_head_kwargs(
+                     name, self.config, self.data,
+                     int(seeded_rng(self.config.seed, d.seed, shots, 7).integers(2**31)),
+                     self.init_state))
+                 for d in draws]
+        raw = heads[0].input == "raw"
+        fit_many = getattr(HEADS[name], "fit_many", None)
+        fit_seconds = []
+        # This thread keeps to one core (fits and predictions alike); the scoring thread
+        # has the other. Measured here under load, a second BLAS/torch thread made even the
+        # 25k-row predictions slower, never faster.
+        with single_thread():
+            if fit_many is not None:
+                t0 = time.perf_counter()
+                fit_many(heads, [d.fit_args(raw) for d in draws])
+                fit_seconds = [(time.perf_counter() - t0) / len(draws)] * len(draws)
+            else:
+                for head, draw in zip(heads, draws):
+                    t0 = time.perf_counter()
+                    head.fit(*draw.fit_args(raw))
+                    fit_seconds.append(time.perf_counter() - t0)
+            for head, draw, seconds in zip(heads, draws, fit_seconds):
+                t0 = time.perf_counter()
+                scores = head.predict(self.x_test_raw if raw else self.x_test_unit)
+                self.record(name, shots, draw.seed, scores, seconds + time.perf_counter() - t0,
+                            head.selected, len(draw.rows_train), len(draw.rows_val))
+
+    def result(self, started: float) -> FewShotResult:
+        """Wait for the scoring thread, then summarise every (head, shots) cell."""
+        t0 = time.perf_counter()
+        scoring_seconds = 0.0
+        collected: dict[tuple[str, int], tuple[list, list]] = {}
+        for run, future in self.pending:
+            point, reps, seconds = future.result()
+            scoring_seconds += seconds
+            run["auc"] = per_class_dict(point)
+            run["mean_auc"] = json_number(mean_auc(point, warn=False))
+            bucket = collected.setdefault((run["head"], run["shots"]), ([], []))
+            bucket[0].append(point)
+            bucket[1].append(reps)
+        summary = [{"head": head, "shots": shots,
+                    **self.scorer.summarise(points, reps, head in TRAINING_FREE)}
+                   for (head, shots), (points, reps) in collected.items()]
+        cells = len(self.config.shots) * self.config.seeds * len(self.trained)
+        timing = {"total_s": time.perf_counter() - started,
+                  "fit_predict_s": self.fit_seconds, "scoring_s": scoring_seconds,
+                  "scoring_wait_s": time.perf_counter() - t0, "cells": cells,
+                  "per_cell_s": (sum(self.fit_seconds[h] for h in self.trained) / cells)
+                  if cells else None}
+        config = self.config
+        source = {**self.data.source, "n_test": int(len(self.test)),
+                  "n_test_patients": int(self.scorer.index.max()) + 1,
+                  "n_train": int(len(self.train)), "n_val": int(len(self.val)),
+                  "ci": {"method": self.scorer.method, "n_resamples": config.bootstrap,
+                         "level": config.level, "unit": "patient", "seed": config.seed}}
+        return FewShotResult(config=config, runs=self.runs, summary=summary,
+                             samples=self.samples, source=source, timing=timing,
+                             scores=self.scores)
+
+
+class _Draw:
+    """One (shots, seed) sample: its rows, and their raw and unit vectors and labels."""
+
+    def __init__(self, data: EvalData, seed: int, rows_train: np.ndarray,
+                 rows_val: np.ndarray) -> None:
+        self.seed, self.rows_train, self.rows_val = seed, rows_train, rows_val
+        self.train = (*data.vectors(rows_train), data.labels[rows_train])
+        self.val = ((*data.vectors(rows_val), data.labels[rows_val]) if len(rows_val)
+                    else (None, None, None))
+
+    def fit_args(self, raw: bool) -> tuple[Any, Any, Any, Any]:
+        pick = 0 if raw else 1  # (raw, unit, labels)
+        return self.train[pick], self.train[2], self.val[pick], self.val[2]
+
+
+def _sample_record(data: EvalData, shots: int, seed: int, rows_train: np.ndarray,
+                   rows_val: np.ndarray) -> dict[str, Any]:
+    rec: dict[str, Any] = {"shots": shots, "seed": seed, "train_rows": rows_train.tolist(),
+                           "val_rows": rows_val.tolist()}
+    if data.image_id is not None:
+        rec["train_ids"] = [str(i) for i in data.image_id[rows_train]]
+        rec["val_ids"] = [str(i) for i in data.image_id[rows_val]]
+    return rec

@@ -1,0 +1,159 @@
+"""The one interface every head follows, and the registry of heads by name.
+
+A head maps image vectors to one score per class::
+
+    head = make_head("linear", seed=0)
+    head.fit(X, Y, X_val, Y_val)      # X (n, D) float, Y (n, 14) 0/1; val optional
+    scores = head.predict(X_test)     # (m, 14) float64, higher = more likely positive
+
+``fit`` may use the val pair for its own choices (C, alpha/beta, epoch) and for nothing
+else; it never sees test rows. What it chose is in ``head.selected`` (JSON-able).
+``head.input`` says which vectors it expects: ``"normalized"`` (unit vectors, cosine
+geometry) or ``"raw"`` (the encoder's output, what the adapted head was trained on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, DataError
+from cxrembed.labels import NUM_CLASSES
+
+
+@runtime_checkable
+class Head(Protocol):
+    """What the few-shot sweep needs from a head."""
+
+    name: ClassVar[str]
+    input: ClassVar[str]
+    selected: dict[str, Any]
+
+    def fit(self, X: np.ndarray, Y: np.ndarray, X_val: np.ndarray | None = None,
+            Y_val: np.ndarray | None = None) -> "Head": ...
+
+    def predict(self, X: np.ndarray) -> np.ndarray: ...
+
+
+HEADS: dict[str, type] = {}
+
+
+def register_head(name: str):
+    """Class decorator: make a head available to :func:`make_head` under ``name``."""
+    def decorate(cls: type) -> type:
+        cls.name = name
+        HEADS[name] = cls
+        return cls
+    return decorate
+
+
+def available_heads() -> list[str]:
+    """Names :func:`make_head` accepts."""
+    _load_builtin_heads()
+    return sorted(HEADS)
+
+
+def _load_builtin_heads() -> None:
+    # Importing registers them; done lazily so `cxrembed.heads.base` stays light.
+    from cxrembed.heads import knn, linear, mlp, tip, zeroshot  # noqa: F401
+
+
+def make_head(name: str, **options: Any) -> Head:
+    """A new, unfitted head by name; options are its constructor's keyword arguments.
+
+    Unknown names and unknown options raise ConfigError listing the valid ones.
+    """
+    _load_builtin_heads()
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; expected one of: {', '.join(sorted(HEADS))}")
+    cls = HEADS[name]
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ConfigError(f"head {name!r}: {exc}") from None
+
+
+def build_config(config_cls: type, options: dict[str, Any], head: str) -> Any:
+    """A head's config dataclass from ``options``, refusing unknown keys by name."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"head {head!r} has no option {', '.join(map(repr, unknown))}; "
+                          f"its options are: {', '.join(sorted(fields))}")
+    return config_cls(**options)
+
+
+def check_xy(X: Any, Y: Any | None = None, what: str = "X") -> tuple[np.ndarray, np.ndarray | None]:
+    """Validated float32 ``X`` (n, D) and uint8 ``Y`` (n, 14)."""
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim != 2 or not len(X):
+        raise DataError(f"{what} must be a non-empty (n, D) array, got shape {X.shape}")
+    if not np.isfinite(X.sum(dtype=np.float64)):  # one pass, no (n, D) mask
+        raise DataError(f"{what} holds non-finite values")
+    if Y is None:
+        return X, None
+    Y = np.asarray(Y)
+    if Y.shape != (len(X), NUM_CLASSES):
+        raise DataError(f"labels for {what} must be ({len(X)}, {NUM_CLASSES}), got {Y.shape}")
+    if not np.isin(Y, (0, 1)).all():
+        raise DataError(f"labels for {what} must be 0/1")
+    return X, Y.astype(np.uint8)
+
+
+def val_mean_auc(Y_val: np.ndarray, scores: np.ndarray) -> float:
+    """Mean AUC over the classes the val sample can score (quiet; NaN if none)."""
+    from cxrembed.metrics import mean_auc, per_class_auc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return mean_auc(per_class_auc(Y_val, scores, warn=False), warn=False)
+
+
+def has_val(X_val: Any, Y_val: Any) -> bool:
+    """True when a val pair is given and can score at least one class."""
+    if X_val is None or Y_val is None or not len(Y_val):
+        return False
+    Y_val = np.asarray(Y_val)
+    pos = Y_val.sum(axis=0)
+    return bool(((pos > 0) & (pos < len(Y_val))).any())
+
+
+def inverse_norms(X: np.ndarray) -> np.ndarray:
+    """``1 / |x|`` per row, float32 ``(n, 1)`` (rows of zeros get 1)."""
+    sq = np.einsum("ij,ij->i", X, X)
+    return (1.0 / np.sqrt(np.where(sq > 0, sq, 1.0))).astype(np.float32)[:, None]
+
+
+def cosine(X: np.ndarray, unit: np.ndarray) -> np.ndarray:
+    """Cosine similarity ``(n, k)`` float32 of rows of ``X`` (any norm) with unit vectors
+    ``(k, D)``; normalises the small result, not the large input."""
+    out = X @ np.asarray(unit, dtype=np.float32).T
+    out *= inverse_norms(X)
+    return out
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """One BLAS and one torch thread inside: fitting on a few hundred shots is a stream of
+    tiny matrix products, which extra threads slow down (several times over when other
+    processes share the cores). Restores both settings on exit."""
+    from threadpoolctl import threadpool_limits
+
+    torch = sys.modules.get("torch")  # only when loaded: never imports torch itself
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        if torch is not None:
+            torch.set_num_threads(1)
+        with threadpool_limits(1):
+            yield
+    finally:
+        if torch is not None and before is not None:
+            torch.set_num_threads(before)
