@@ -89,6 +89,12 @@ def test_kill_9_mid_build_resumes_to_the_same_bytes(tmp_path):
             continue
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    time.sleep(0.5)
+    # Its decoding worker died with it (no orphan holding the file).
+    import subprocess as sp
+
+    orphans = sp.run(["pgrep", "-f", "c.BLOCK = 16"], capture_output=True, text=True).stdout
+    assert not orphans.strip(), orphans
     _, done, complete = _pixels(tmp_path / "px.h5")
     assert not complete and 0 < done.sum() < len(ds)
     build_pixel_cache(ds, tmp_path / "px.h5", workers=1, progress=False)

@@ -116,12 +116,26 @@ class _InProcess:
         return None
 
 
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, end this worker when the parent dies (even by kill -9),
+    instead of leaving an orphan behind."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _pool(workers: int):
     if workers == 0:
         return _InProcess()
     # The platform's default start method: workers need only numpy + OpenCV, and (unlike
     # spawn) a user's script without an `if __name__ == "__main__"` guard still works.
-    pool = ProcessPoolExecutor(workers)
+    pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
     list(pool.map(abs, range(workers)))  # start every worker now (fork starts them all)
     return pool
 
