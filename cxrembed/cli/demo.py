@@ -1,0 +1,62 @@
+"""``cxrembed demo`` and ``cxrembed report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cxrembed.cli.common import app, console
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")]
+    = Path("cxrembed-demo"),
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="A real NIH ChestX-ray14 folder (default: a synthetic twin).")] = None,
+    model: Annotated[str, typer.Option("--model", help="open_clip architecture.")] = "cxr-tiny",
+    pretrained: Annotated[str, typer.Option(
+        "--pretrained", help="open_clip tag, local weights file, or none.")] = "none",
+    images: Annotated[int, typer.Option("--images", help="Synthetic twin size.")] = 2000,
+    epochs: Annotated[int, typer.Option("--epochs", help="Adaptation epochs.")] = 6,
+    seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count.")] = 10,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Run the whole method end to end and write an HTML report (synthetic data by default)."""
+    from cxrembed.demo import DemoConfig, check_config, run_demo
+
+    config = DemoConfig(data=str(data) if data else None, model=model, pretrained=pretrained,
+                        images=images, epochs=epochs, seeds=seeds, device=device)
+    check_config(config)
+    result = run_demo(out, config, progress=not no_progress,
+                      announce=lambda line: console.print(f"[bold cyan]{line}[/]",
+                                                          highlight=False))
+    table = Table(title=f"test AUC by protocol ({'synthetic twin' if config.synthetic else data})")
+    table.add_column("protocol")
+    table.add_column("mean AUC", justify="right")
+    table.add_column("95% CI (by patient)", justify="right")
+    for name, p in result.protocols.items():
+        ci = f"[{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]" if p.get("ci") else "—"
+        table.add_row(name, f"{p['mean']:.3f}" if p["mean"] is not None else "—", ci)
+    console.print(table)
+    steps = ", ".join(f"{s['name']} {s['seconds']:.0f}s" for s in result.steps)
+    console.print(f"ran: {steps}")
+    console.print(f"[green]done in {result.seconds:.0f} s.[/] Report: [bold]{result.report}"
+                  f"[/]  (everything else is in {result.out}/)")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A folder written by `cxrembed demo`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write "
+                                                "(default: RUN_DIR/report.html).")] = None,
+) -> None:
+    """Write one self-contained HTML report of a run folder."""
+    from cxrembed.report import write_report
+
+    path = write_report(run_dir, out)
+    console.print(f"[green]wrote[/] {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -1,0 +1,361 @@
+"""The whole method end to end, in one call: ``cxrembed demo``.
+
+By default, on any laptop with no GPU and no internet: a synthetic NIH twin is written,
+the tiny architecture is adapted for a few epochs, the twin is encoded twice (frozen and
+adapted encoder), and every protocol runs on the cached vectors: text zero-shot, the
+adapted head, the few-shot sweep, similarity search; then the HTML report.
+
+With ``data=/path/to/NIH, model="ViT-B-32", pretrained="openai"`` the same pipeline runs
+for real, with the paper's settings (a GPU is needed for the adaptation to finish in
+reasonable time).
+
+Layout of the output folder (``cxrembed report`` reads it)::
+
+    summary.json            what ran, how long, every protocol's AUCs (the report's source)
+    nih-twin/               the synthetic data (demo mode only)
+    pixels.h5               the pixel cache
+    adapt/                  the adaptation run (config.json, metrics.jsonl, model.safetensors)
+    store-frozen.h5/.faiss  the frozen encoder's store
+    store-adapted.h5/.faiss the adapted encoder's store
+    eval/*.json             zero-shot and adapted-head results
+    fewshot/                the sweep (fewshot.json, CSVs, plot)
+    search/*.png            montages of a few searches
+    thumbnails.json, roc.json, fewshot_curves.json   report inputs
+    report.html
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cxrembed import __version__
+from cxrembed.errors import ConfigError
+from cxrembed.labels import LABELS
+
+log = logging.getLogger(__name__)
+
+#: Published NIH14 mean AUCs (the paper's Table 1) and its few-shot row (0..16 shots).
+PUBLISHED_MEANS = {"CheXzero": 0.706, "ImCLIP": 0.564, "CXR-CLIP": 0.719, "MoCoCLIP": 0.749,
+                   "paper (partial CLIP)": 0.750}
+PUBLISHED_FEWSHOT = {0: 0.7502, 1: 0.7502, 2: 0.7513, 4: 0.7511, 8: 0.7527, 16: 0.7542}
+
+
+@dataclass
+class DemoConfig:
+    """What the demo runs. Defaults: the synthetic twin and the tiny model on a CPU."""
+
+    data: str | None = None  # an NIH folder; None: write a synthetic twin
+    images: int = 2000  # twin size
+    size: int = 128  # twin PNG side
+    seed: int = 0  # twin seed
+    model: str = "cxr-tiny"
+    pretrained: str = "none"
+    # The tiny model starts from random weights, so it needs larger steps than the paper's
+    # 1e-5 / 1e-4 for pretrained CLIP; real runs (model != cxr-tiny) use the paper's.
+    epochs: int = 6
+    lr_encoder: float | None = None
+    lr_head: float | None = None
+    batch_size: int = 32
+    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
+    seeds: int = 10
+    heads: tuple[str, ...] = ("mlp", "linear", "knn", "tip", "zeroshot")
+    searches: int = 3
+    device: str = "auto"
+    workers: int = 2
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data is None
+
+    def adapt_overrides(self) -> dict[str, Any]:
+        tiny = self.model == "cxr-tiny"
+        return {
+            "model": self.model, "pretrained": self.pretrained, "epochs": self.epochs,
+            "batch_size": self.batch_size, "workers": self.workers,
+            "lr_encoder": self.lr_encoder if self.lr_encoder is not None else
+            (1e-3 if tiny else 1e-5),
+            "lr_head": self.lr_head if self.lr_head is not None else (1e-3 if tiny else 1e-4),
+        }
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _Steps:
+    """Times each step and records the CLI command that does the same thing."""
+
+    def __init__(self, announce: Callable[[str], None] | None) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.announce = announce or (lambda _msg: None)
+
+    def run(self, name: str, command: str, fn: Callable[[], Any]) -> Any:
+        self.announce(f"[{len(self.records) + 1}] {name}: {command}")
+        start = time.perf_counter()
+        value = fn()
+        self.records.append({"name": name, "command": command,
+                             "seconds": round(time.perf_counter() - start, 2)})
+        return value
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None = None, *,
+             progress: bool = True, announce: Callable[[str], None] | None = None
+             ) -> DemoResult:
+    """Run the pipeline into ``out`` and write its report; see the module docstring.
+
+    ``announce`` receives one line per step (the CLI prints them); the library itself
+    prints nothing.
+    """
+    from cxrembed.adapt import AdaptConfig, adapt
+    from cxrembed.data import load_nih
+    from cxrembed.data.cache import build_pixel_cache
+    from cxrembed.encode import encode_dataset
+    from cxrembed.fewshot import evaluate_adapted_head, evaluate_zeroshot, run_fewshot
+    from cxrembed.model import load_encoder
+
+    config = config or DemoConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(config.device)
+    steps = _Steps(announce)
+    started = time.perf_counter()
+
+    # 1. data
+    if config.synthetic:
+        from cxrembed.data.synth import make_twin
+
+        data = out / "nih-twin"
+        if not (data / "Data_Entry_2017.csv").exists():
+            steps.run("synthetic NIH twin",
+                      f"cxrembed synth {data} --images {config.images} --size {config.size} "
+                      f"--seed {config.seed}",
+                      lambda: make_twin(data, images=config.images, size=config.size,
+                                        seed=config.seed))
+    else:
+        data = Path(config.data)
+    dataset = load_nih(data)
+    pixels = out / "pixels.h5"
+    steps.run("pixel cache", f"cxrembed cache {data} --out {pixels}",
+              lambda: build_pixel_cache(dataset, pixels, progress=progress))
+
+    # 2. adaptation (resumes a finished or interrupted run in place)
+    adapt_config = AdaptConfig.from_dict(config.adapt_overrides())
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in config.adapt_overrides().items())
+    run_dir = out / "adapt"
+    result = steps.run("domain adaptation", f"cxrembed adapt {data} --out {run_dir} "
+                       f"--pixel-cache {pixels} {flags}",
+                       lambda: adapt(dataset, run_dir, adapt_config, pixel_cache=pixels,
+                                     resume=run_dir.exists(), device=device, progress=progress))
+
+    # 3. encode twice: the frozen encoder and the adapted one
+    stores = {"frozen": out / "store-frozen.h5", "adapted": out / "store-adapted.h5"}
+    frozen = load_encoder(config.model, config.pretrained, device=device)
+    steps.run("encode (frozen CLIP)", f"cxrembed encode {data} --out {stores['frozen']} "
+              f"--model {config.model} --pretrained {config.pretrained} --pixel-cache {pixels}",
+              lambda: encode_dataset(dataset, stores["frozen"], frozen, pixel_cache=pixels,
+                                     resume=True, progress=progress))
+    adapted = load_encoder(checkpoint=run_dir, device=device)
+    steps.run("encode (adapted)", f"cxrembed encode {data} --out {stores['adapted']} "
+              f"--checkpoint {run_dir} --pixel-cache {pixels}",
+              lambda: encode_dataset(dataset, stores["adapted"], adapted, pixel_cache=pixels,
+                                     resume=True, progress=progress))
+
+    # 4. protocols on cached vectors
+    evals = {
+        "zero-shot (frozen CLIP)": ("cxrembed zeroshot", stores["frozen"], evaluate_zeroshot,
+                                    "text prompts, CheXzero-style softmax over a positive and a "
+                                    "negative prompt, on the frozen encoder: true zero-shot"),
+        "zero-shot (adapted)": ("cxrembed zeroshot", stores["adapted"], evaluate_zeroshot,
+                                "the same prompts on the adapted encoder (its text tower was "
+                                "never trained, so this tests how far adaptation moves the image "
+                                "space away from the text space)"),
+        "adapted head": ("cxrembed evaluate --head adapted", stores["adapted"],
+                         evaluate_adapted_head,
+                         "the adapted model's own supervised head: the figure the paper calls "
+                         "'zero-shot' (0.7502)"),
+    }
+    protocols: dict[str, dict[str, Any]] = {}
+    (out / "eval").mkdir(exist_ok=True)
+    for name, (cmd, store, fn, description) in evals.items():
+        res = steps.run(name, f"{cmd} {store}", lambda fn=fn, store=store: fn(store))
+        slug = name.replace(" ", "-").replace("(", "").replace(")", "")
+        res.save(out / "eval" / f"{slug}.json")
+        record = res.to_dict()
+        protocols[name] = {
+            "per_class": [record["auc"][c] for c in LABELS], "mean": record["mean_auc"],
+            "ci": _mean_ci(record), "description": description,
+            "source": f"eval/{slug}.json"}
+
+    shots = ",".join(map(str, config.shots))
+    fewshot = steps.run(
+        "few-shot sweep",
+        f"cxrembed fewshot {stores['adapted']} --shots {shots} --seeds {config.seeds} "
+        f"--heads {','.join(config.heads)} --out {out / 'fewshot'}",
+        lambda: run_fewshot(stores["adapted"], out=out / "fewshot", shots=config.shots,
+                            seeds=config.seeds, heads=config.heads, progress=progress,
+                            keep_scores=True))
+    curves = _fewshot_curves(fewshot.summary, config.seeds)
+    best_fewshot = max(((h, c) for h, c in curves.items() if c["shots"][-1] > 0),
+                       key=lambda hc: hc[1]["mean"][-1], default=None)
+    roc_scores: dict[str, np.ndarray] = {}
+    if best_fewshot:
+        head, curve = best_fewshot
+        row = fewshot.cell(head, curve["shots"][-1])
+        name = f"few-shot {head}, {curve['shots'][-1]}-shot"
+        roc_scores[name] = fewshot.scores[(head, curve["shots"][-1], 0)]
+        protocols[name] = {
+            "per_class": [row["per_class"][c]["mean"] for c in LABELS],
+            "mean": row["mean_auc"]["mean"],
+            "ci": _row_ci(row),
+            "description": f"the best few-shot head at {curve['shots'][-1]} shots per class, "
+                           f"mean over {config.seeds} draws from train",
+            "source": "fewshot/fewshot.json"}
+    (out / "fewshot_curves.json").write_text(json.dumps(
+        {"curves": curves, "seeds": config.seeds,
+         "paper": {str(k): v for k, v in PUBLISHED_FEWSHOT.items()}}, indent=1))
+
+    # 5. searches and report inputs
+    searches, thumbs = steps.run("similarity search", f"cxrembed search {stores['adapted']} "
+                                 "--id <image> -k 5 --exclude-same-patient --montage ...",
+                                 lambda: _searches(stores["adapted"], dataset, out,
+                                                   config.searches, pixels))
+    (out / "thumbnails.json").write_text(json.dumps(thumbs))
+    best_name = max(protocols, key=lambda n: protocols[n]["mean"] or 0.0)
+    _write_roc(out, best_name, stores, evals, roc_scores)
+
+    summary = {
+        "title": "cxrembed demo" + (" (synthetic NIH twin, tiny model, CPU)"
+                                    if config.synthetic else f" ({data})"),
+        "description": ("Synthetic data and a randomly initialised tiny CLIP: these numbers "
+                        "show that the pipeline works and learns, not what CLIP achieves on "
+                        "real chest X-rays." if config.synthetic else
+                        "The paper's pipeline on a real NIH ChestX-ray14 folder."),
+        "created": dt.datetime.now().isoformat(timespec="seconds"), "version": __version__,
+        "config": {k: v for k, v in config.__dict__.items()}, "device": device,
+        "dataset": dataset.summary(), "adapt_run": "adapt", "steps": steps.records,
+        "adapt": result.to_dict() | {"history": None},
+        "protocols": protocols, "best_protocol": best_name,
+        "published": {name: {"mean": value} for name, value in PUBLISHED_MEANS.items()},
+        "fewshot_curves": "fewshot_curves.json", "roc": "roc.json",
+        "searches": searches, "thumbnails": "thumbnails.json",
+    }
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    from cxrembed.report import write_report
+
+    report = steps.run("HTML report", f"cxrembed report {out}", lambda: write_report(out))
+    summary["steps"] = steps.records
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_report(out)  # once more, so the report lists its own step too
+    return DemoResult(out=out, report=report, steps=steps.records, protocols=protocols,
+                      seconds=summary["seconds"])
+
+
+def _mean_ci(record: dict) -> list[float] | None:
+    """[low, high] of the mean AUC of an evaluation record, when it was bootstrapped."""
+    mean = (record.get("ci") or {}).get("mean_auc") or {}
+    lo, hi = mean.get("low"), mean.get("high")
+    return [lo, hi] if lo is not None and hi is not None else None
+
+
+def _row_ci(row: dict) -> list[float] | None:
+    """[low, high] of the seed-mean AUC of a few-shot summary row."""
+    lo, hi = row["mean_auc"].get("ci_low"), row["mean_auc"].get("ci_high")
+    return [lo, hi] if lo is not None and hi is not None else None
+
+
+def _fewshot_curves(summary: list[dict], seeds: int) -> dict[str, dict[str, list]]:
+    """head -> shots, mean and std of the mean AUC over seeds (training-free heads: flat)."""
+    curves: dict[str, dict[str, list]] = {}
+    for row in sorted(summary, key=lambda r: (r["head"], r["shots"])):
+        c = curves.setdefault(row["head"], {"shots": [], "mean": [], "std": []})
+        c["shots"].append(row["shots"])
+        c["mean"].append(row["mean_auc"]["mean"])
+        c["std"].append(row["mean_auc"]["std"] or 0.0)
+    return curves
+
+
+def _searches(store_path: Path, dataset: Any, out: Path, count: int, pixels: Path
+              ) -> tuple[list[dict], dict[str, str]]:
+    """A few test images with findings as queries; neighbours among train images."""
+    from cxrembed.data.cache import ImageSource
+    from cxrembed.report import thumbnails
+    from cxrembed.search import search
+
+    (out / "search").mkdir(exist_ok=True)
+    test = dataset.split_rows("test")
+    rng = np.random.default_rng(0)
+    with_findings = test[dataset.labels[test].sum(axis=1) > 0]
+    queries = rng.choice(with_findings, size=min(count, len(with_findings)), replace=False)
+    records, needed = [], {}
+    for row in queries:
+        image_id = str(dataset.image_id[row])
+        hits = search(store_path, image_id=image_id, k=5, split="train",
+                      exclude_same_patient=True,
+                      montage=out / "search" / f"{image_id.removesuffix('.png')}.png")
+        labels = [LABELS[k] for k in np.flatnonzero(dataset.labels[row])]
+        records.append({
+            "title": f"test image {image_id}: its 5 nearest train images of other patients",
+            "query": {"image_id": image_id, "labels": labels},
+            "neighbours": [h.to_dict() for h in hits],
+            "montage": f"search/{image_id.removesuffix('.png')}.png"})
+        needed[image_id] = row
+        for h in hits:
+            needed[h.image_id] = int(np.flatnonzero(dataset.image_id == h.image_id)[0])
+    source = ImageSource(dataset, pixels)
+    ids = list(needed)
+    images = source.read(np.array([needed[i] for i in ids]))
+    return records, thumbnails(dict(zip(ids, images)))
+
+
+def _write_roc(out: Path, best: str, stores: dict[str, Path], evals: dict,
+               fewshot_scores: dict[str, np.ndarray]) -> None:
+    """Test labels and scores of the best protocol, for the report's ROC curves. For a
+    few-shot protocol these are the scores of its first draw (seed 0)."""
+    from cxrembed.fewshot import as_eval_data
+    from cxrembed.heads import make_head
+
+    store = evals[best][1] if best in evals else stores["adapted"]
+    data = as_eval_data(store, need_text=best.startswith("zero-shot"))
+    rows = data.rows("test")
+    if best in fewshot_scores:
+        scores, title = fewshot_scores[best], f"{best} (draw of seed 0)"
+    elif best == "adapted head":
+        scores, title = data.logits(rows), best
+    else:
+        scores, title = make_head("zeroshot", text=data.text).predict(data.vectors(rows)[1]), best
+    (out / "roc.json").write_text(json.dumps({
+        "protocol": title, "labels": data.labels[rows].tolist(),
+        "scores": np.asarray(scores).round(5).tolist()}))
+
+
+def check_config(config: DemoConfig) -> None:
+    """ConfigError for values the demo cannot run with."""
+    if config.data is not None and not Path(config.data).is_dir():
+        raise ConfigError(f"--data {config.data} is not a folder; give an NIH ChestX-ray14 "
+                          "folder, or leave --data out to use the synthetic twin")
+    if config.epochs < 1 or config.seeds < 1:
+        raise ConfigError("--epochs and --seeds must be at least 1")
