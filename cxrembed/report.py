@@ -262,7 +262,7 @@ def _search_section(searches: list[dict], thumbs: dict[str, str]) -> str:
 
         query = card(s["query"]["image_id"], f"<b>query</b> {_esc(s['query']['image_id'])}<br>"
                      f"{_esc(', '.join(s['query']['labels']) or 'No Finding')}")
-        hits = "".join(card(n["image_id"], f"#{i + 1} sim {n['similarity']:.3f}<br>"
+        hits = "".join(card(n["image_id"], f"#{i + 1} sim {n['similarity']:.4f}<br>"
                             f"{_esc(', '.join(n['labels']) or 'No Finding')}<br>"
                             f"<span class=sub>patient {n['patient_id']}</span>")
                        for i, n in enumerate(s["neighbours"]))

@@ -28,10 +28,10 @@ def run_guarded(app: typer.Typer) -> None:
     try:
         app(standalone_mode=False)
     except CxrembedError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except OSError as exc:  # disk full, permissions, a folder that is not there
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: what was written so far is kept; "
