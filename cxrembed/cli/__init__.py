@@ -36,6 +36,10 @@ def _root(
 
 # Command modules register themselves on `app` when imported.
 from cxrembed.cli import data as _data  # noqa: E402,F401
+from cxrembed.cli import store as _store  # noqa: E402,F401
+from cxrembed.cli import adapt as _adapt  # noqa: E402,F401
+from cxrembed.cli import evaluate as _evaluate  # noqa: E402,F401
+from cxrembed.cli import demo as _demo  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,147 @@
+"""Store commands: ``encode``, ``index``, ``search``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, SplitSeedOpt, TestListOpt,
+                                 TrainValListOpt, ValFractionOpt, ViewOpt, app, console,
+                                 load_dataset, print_json)
+
+StoreArg = Annotated[Path, typer.Argument(help="The store (.h5) written by `cxrembed encode`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+
+
+@app.command()
+def encode(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store file to write.")] = Path("store.h5"),
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="open_clip architecture (default ViT-B-32; the run's with --checkpoint).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        "--pretrained", help="Weights: open_clip tag (default openai), local file, or none.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="An adapted run folder (`cxrembed adapt`): its encoder and head.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(
+        "--cache", help="Pixel cache of DATA (`cxrembed cache`); PNGs are decoded without.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 64,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Encode only the first N images.")] = None,
+    split: Annotated[Optional[list[str]], typer.Option(
+        "--split", help="Encode only this split (repeat for several): train, val, test.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="JSON file of class prompts (per class, or templates).")] = None,
+    index: Annotated[str, typer.Option(
+        "--index", help="FAISS index to build at the end: flat (exact), ivf, hnsw or none.")] = "flat",
+    workers: Annotated[int, typer.Option("--workers", help="Threads reading ahead of the model.")] = 2,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow weights files that need pickle (only files you trust).")] = False,
+    csv: CsvOpt = None,
+    train_val_list: TrainValListOpt = None,
+    test_list: TestListOpt = None,
+    view: ViewOpt = "all",
+    val_fraction: ValFractionOpt = 0.1,
+    split_seed: SplitSeedOpt = 7,
+    allow_missing: AllowMissingOpt = False,
+    no_progress: NoProgressOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Encode every image once into an HDF5 store (vectors, labels, metadata) + FAISS index."""
+    from cxrembed.encode import encode_dataset
+    from cxrembed.model import load_encoder
+
+    dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
+                           allow_missing)
+    encoder = load_encoder(model, pretrained, checkpoint=checkpoint, device=device,
+                           trust_pickle=trust_pickle)
+    result = encode_dataset(dataset, out, encoder, pixel_cache=cache, batch_size=batch_size,
+                            resume=resume, overwrite=overwrite, limit=limit, splits=split,
+                            prompts=prompts, index=None if index == "none" else index,
+                            workers=workers, progress=not no_progress)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    done = (f"{result.encoded:,} images encoded in {result.seconds:.1f} s "
+            f"({result.images_per_s:,.1f} images/s)")
+    if result.resumed_from:
+        done += f", {result.resumed_from:,} were already done"
+    console.print(f"[green]store[/] {result.store}: {result.rows:,} rows; {done}"
+                  + (f"; index {result.index}" if result.index else ""))
+
+
+@app.command("index")
+def index_command(
+    store: StoreArg,
+    kind: Annotated[str, typer.Option("--kind", "--index",
+                                      help="flat (exact), ivf or hnsw.")] = "flat",
+    nlist: Annotated[Optional[int], typer.Option("--nlist", help="ivf: k-means cells.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option("--nprobe", help="ivf: cells visited per query.")] = None,
+    m: Annotated[Optional[int], typer.Option("--hnsw-m", help="hnsw: links per node.")] = None,
+    ef_search: Annotated[Optional[int], typer.Option("--ef-search",
+                                                     help="hnsw: candidates per query.")] = None,
+    gpu: Annotated[Optional[bool], typer.Option(
+        "--gpu/--cpu", help="Build on the GPU (default: when faiss-gpu sees one).")] = None,
+    no_progress: NoProgressOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """(Re)build the FAISS index beside a store: STORE.h5 -> STORE.faiss."""
+    from cxrembed.store import build_index
+
+    given = {"nlist": nlist, "nprobe": nprobe, "M": m, "efSearch": ef_search}
+    params = {key: value for key, value in given.items() if value is not None}
+    path = build_index(store, kind, params=params, gpu=gpu, progress=not no_progress)
+    if json_out:
+        print_json({"index": path, "kind": kind, "params": params})
+        return
+    console.print(f"[green]index[/] ({kind}) {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+
+
+@app.command("search")
+def search_command(
+    store: StoreArg,
+    image: Annotated[Optional[Path], typer.Option(
+        "--image", help="Query with a new image (encoded with the store's own encoder).")] = None,
+    image_id: Annotated[Optional[str], typer.Option("--id", help="Query with a stored image id.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Query with text (joint space).")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="Number of neighbours.")] = 10,
+    split: Annotated[Optional[str], typer.Option("--split", help="Search only train, val or test.")] = None,
+    exclude_same_patient: Annotated[bool, typer.Option(
+        "--exclude-same-patient", help="Leave out every image of the query's patient.")] = False,
+    include_query: Annotated[bool, typer.Option(
+        "--include-query", help="Keep a stored query image among its own neighbours.")] = False,
+    index: Annotated[str, typer.Option(
+        "--index", help="auto (saved index, else exact scan), index, or exact.")] = "auto",
+    montage: Annotated[Optional[Path], typer.Option(
+        "--montage", help="Save the query and its neighbours as one PNG.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(
+        "--data", help="Where the images are now, for --montage (default: where encoded).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Nearest neighbours of an image, a stored image, or a text, with labels and patient."""
+    from cxrembed.search import search
+
+    hits = search(store, image=image, image_id=image_id, text=text, k=k, split=split,
+                  exclude_same_patient=exclude_same_patient, include_query=include_query,
+                  index=index, montage=montage, data_root=data_root)
+    if json_out:
+        print_json([hit.to_dict() for hit in hits])
+        return
+    query = image_id or (str(image) if image is not None else repr(text))
+    table = Table(title=f"{len(hits)} nearest to {query}")
+    for column, justify in (("#", "right"), ("similarity", "right"), ("image", "left"),
+                            ("patient", "right"), ("split", "left"), ("view", "left"),
+                            ("labels", "left")):
+        table.add_column(column, justify=justify)
+    for hit in hits:
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", hit.image_id, str(hit.patient_id),
+                      hit.split, hit.view, ", ".join(hit.labels) or "[dim]No Finding[/]")
+    console.print(table)
+    if montage is not None:
+        console.print(f"[green]montage[/] {montage}")

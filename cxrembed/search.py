@@ -1,0 +1,352 @@
+"""Similarity search over a store: by stored image id, by a new image, or by text.
+
+Queries and stored vectors are unit vectors in CLIP's joint space; similarity is their
+inner product (cosine). The FAISS index beside the store answers when there is one
+(exact ``flat`` by default); without one, an exact scan of the store in blocks does.
+Filters (split, the query's own patient) are applied inside the search, so ``k`` results
+are returned whenever ``k`` images pass them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import textwrap
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, DataError, StoreError
+from cxrembed.store import EmbeddingStore, check_same_encoder, load_index, search_index
+
+log = logging.getLogger(__name__)
+
+INDEX_CHOICES = ("auto", "index", "exact")
+SCAN_BLOCK = 32_768  # stored rows compared per step of the exact scan
+_NIH_NAME = re.compile(r"^(\d{8})_(\d{3})\.png$", re.IGNORECASE)
+
+
+@dataclass
+class Query:
+    """What was searched for."""
+
+    kind: str  # "id" | "image" | "text"
+    value: str  # the id, image path or text
+    vector: np.ndarray  # float32 unit vector (D,)
+    row: int | None = None  # the stored row of an "id" query (or an image already stored)
+    patient_id: int | None = None  # the query's patient, when known
+
+
+@dataclass
+class SearchHit:
+    """One neighbour."""
+
+    rank: int
+    row: int
+    image_id: str
+    patient_id: int
+    split: str
+    view: str
+    sex: str
+    age: float | None
+    labels: list[str]
+    similarity: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Queries
+
+
+def query_vector(store: EmbeddingStore, *, image_id: str | None = None,
+                 image: str | os.PathLike | None = None, text: str | None = None,
+                 encoder: Any = None) -> Query:
+    """The unit query vector of exactly one of ``image_id``, ``image`` or ``text``.
+
+    A new image or a text not stored is encoded with the store's own encoder (loaded from
+    its record, or ``encoder`` when given: it must have the store's fingerprint).
+    """
+    given = [name for name, v in (("image_id", image_id), ("image", image), ("text", text))
+             if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one query: --id ID, --image PATH or --text TEXT "
+                          f"(got {', '.join(given) or 'none'})")
+    if image_id is not None:
+        row = store.row_of(image_id)
+        return Query("id", image_id, store.embeddings([row])[0], row=row,
+                     patient_id=int(store.patient_id[row]))
+    if text is not None:
+        if not text.strip():
+            raise ConfigError("--text is empty; give words to search for")
+        vector = store.encode_prompts([text], encoder=encoder)[0]  # refuses image-only stores
+        return Query("text", text, vector)
+    return _image_query(store, Path(image), encoder)
+
+
+def _image_query(store: EmbeddingStore, path: Path, encoder: Any) -> Query:
+    from cxrembed.data.images import IMAGE_SIZE, decode
+    from cxrembed.data.transforms import to_clip_tensor
+
+    if not path.is_file():
+        raise DataError(f"query image {path} does not exist")
+    pixels = decode(path, size=IMAGE_SIZE)  # DataError when it is not an image
+    if encoder is None:
+        encoder = store.encoder()
+    else:
+        check_same_encoder(store, encoder, what=(f"store {store.path}", "the encoder given"))
+    import torch
+
+    with torch.inference_mode():
+        raw = encoder.encode_image(to_clip_tensor(pixels[None])).float().cpu().numpy()[0]
+    vector = raw / max(float(np.linalg.norm(raw)), 1e-12)
+    row = patient = None
+    try:
+        row = store.row_of(path.name)
+        patient = int(store.patient_id[row])
+    except StoreError:
+        match = _NIH_NAME.match(path.name)
+        patient = int(match.group(1)) if match else None
+    return Query("image", str(path), vector.astype(np.float32), row=row, patient_id=patient)
+
+
+# ---------------------------------------------------------------------------------------
+# Searching
+
+
+def _allowed_mask(store: EmbeddingStore, split: str | None, exclude_rows: list[int],
+                  exclude_patient: int | None) -> np.ndarray | None:
+    if split is None and not exclude_rows and exclude_patient is None:
+        return None
+    mask = np.ones(len(store), dtype=bool) if split is None else store.split == split
+    if split is not None and split not in ("train", "val", "test"):
+        raise ConfigError(f"unknown split {split!r}; expected train, val or test")
+    if exclude_patient is not None:
+        mask &= store.patient_id != exclude_patient
+    if exclude_rows:
+        mask[np.asarray(exclude_rows, dtype=np.int64)] = False
+    return mask
+
+
+def exact_scan(store: EmbeddingStore, queries: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product, reading the store in blocks (no index needed).
+
+    Returns similarities and rows ``(q, k)``, row -1 where fewer than ``k`` rows pass.
+    """
+    queries = np.asarray(queries, dtype=np.float32)
+    q = len(queries)
+    best_sim = np.full((q, k), -np.inf, dtype=np.float32)
+    best_row = np.full((q, k), -1, dtype=np.int64)
+    for start in range(0, len(store), SCAN_BLOCK):
+        stop = min(len(store), start + SCAN_BLOCK)
+        block = store.embeddings(np.arange(start, stop))
+        sims = queries @ block.T
+        if allowed is not None:
+            sims[:, ~allowed[start:stop]] = -np.inf
+        sims = np.concatenate([best_sim, sims], axis=1)
+        rows = np.concatenate([best_row, np.broadcast_to(np.arange(start, stop),
+                                                         (q, stop - start))], axis=1)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if sims.shape[1] > k else \
+            np.broadcast_to(np.arange(sims.shape[1]), (q, sims.shape[1]))
+        best_sim = np.take_along_axis(sims, top, axis=1)
+        best_row = np.take_along_axis(rows, top, axis=1)
+    order = np.argsort(-best_sim, axis=1, kind="stable")
+    best_sim = np.take_along_axis(best_sim, order, axis=1)
+    best_row = np.take_along_axis(best_row, order, axis=1)
+    best_row[~np.isfinite(best_sim)] = -1
+    return best_sim, best_row
+
+
+def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
+                   split: str | None = None, exclude_rows: list[list[int]] | None = None,
+                   exclude_patients: list[int | None] | None = None, index: str = "auto",
+                   index_params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` stored rows for each unit query vector ``(q, D)``.
+
+    Args:
+        split: only rows of this split.
+        exclude_rows, exclude_patients: per query, rows and a patient id to leave out.
+        index: ``auto`` (the saved index when there is one, else an exact scan),
+            ``index`` (the saved index, StoreError when absent) or ``exact``.
+        index_params: search-time parameters of an approximate index (``nprobe``,
+            ``efSearch``); the ones saved with it otherwise.
+    Returns similarities and rows, ``(q, k)`` each; row -1 where fewer than ``k`` pass.
+    """
+    if index not in INDEX_CHOICES:
+        raise ConfigError(f"unknown index choice {index!r}; expected {', '.join(INDEX_CHOICES)}")
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if queries.shape[1] != store.embed_dim:
+        raise ConfigError(f"queries are {queries.shape[1]}-d, store {store.path} holds "
+                          f"{store.embed_dim}-d vectors")
+    if not 1 <= k <= len(store):
+        raise ConfigError(f"-k {k}: must be between 1 and the {len(store)} images of store "
+                          f"{store.path}")
+    q = len(queries)
+    exclude_rows = exclude_rows or [[] for _ in range(q)]
+    exclude_patients = exclude_patients or [None] * q
+    loaded = None
+    if index != "exact":
+        try:
+            loaded = load_index(store)
+        except StoreError:
+            if index == "index":
+                raise
+            log.info("no usable index beside %s: exact scan", store.path)
+    params = {**(loaded.info.params if loaded else {}), **(index_params or {})}
+    masks = [_allowed_mask(store, split, rows, patient)
+             for rows, patient in zip(exclude_rows, exclude_patients)]
+
+    def run(batch: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if loaded is not None:
+            return search_index(loaded.index, batch, k, allowed=mask, params=params)
+        return exact_scan(store, batch, k, allowed=mask)
+
+    first = masks[0]
+    if all(m is None for m in masks) or (first is not None and all(
+            m is not None and np.array_equal(m, first) for m in masks)):
+        return run(queries, first)  # one filter for every query: one batched call
+    sims = np.full((q, k), -np.inf, dtype=np.float32)
+    found = np.full((q, k), -1, dtype=np.int64)
+    for i, mask in enumerate(masks):
+        s, r = run(queries[i:i + 1], mask)
+        sims[i], found[i] = s[0], r[0]
+    return sims, found
+
+
+def _hits(store: EmbeddingStore, sims: np.ndarray, rows: np.ndarray) -> list[SearchHit]:
+    names = store.label_names
+    hits = []
+    for sim, row in zip(sims, rows):
+        if row < 0:
+            continue
+        age = float(store.age[row])
+        hits.append(SearchHit(
+            rank=len(hits) + 1, row=int(row), image_id=str(store.image_id[row]),
+            patient_id=int(store.patient_id[row]), split=str(store.split[row]),
+            view=str(store.view[row]), sex=str(store.sex[row]),
+            age=None if np.isnan(age) else age,
+            labels=[names[j] for j in np.flatnonzero(store.labels[row])],
+            similarity=float(sim)))
+    return hits
+
+
+def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = None,
+           image: str | os.PathLike | None = None, text: str | None = None, k: int = 10,
+           split: str | None = None, exclude_same_patient: bool = False,
+           include_query: bool = False, index: str = "auto",
+           montage: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
+           encoder: Any = None) -> list[SearchHit]:
+    """The ``k`` stored images most similar to one query (see :func:`query_vector`).
+
+    Args:
+        split: search only this split's images.
+        exclude_same_patient: leave out every image of the query's patient (an ``--id``
+            query, or an image whose NIH file name gives its patient).
+        include_query: keep a stored query image itself among its neighbours.
+        index: ``auto`` | ``index`` | ``exact`` (see :func:`search_vectors`).
+        montage: write a PNG of the query and its neighbours, with their labels, here.
+        data_root: where the images lie now, when not where they were encoded (montage).
+    """
+    if isinstance(store, (str, os.PathLike)):
+        with EmbeddingStore.open(store) as opened:
+            return search(opened, image_id=image_id, image=image, text=text, k=k, split=split,
+                          exclude_same_patient=exclude_same_patient,
+                          include_query=include_query, index=index, montage=montage,
+                          data_root=data_root, encoder=encoder)
+    if not 1 <= k <= len(store):
+        raise ConfigError(f"-k {k}: must be between 1 and the {len(store)} images of store "
+                          f"{store.path}")
+    query = query_vector(store, image_id=image_id, image=image, text=text, encoder=encoder)
+    patient = None
+    if exclude_same_patient:
+        if query.patient_id is None:
+            raise ConfigError(f"cannot tell the patient of {query.kind} query {query.value!r} "
+                              "(not a stored image, not an NIH file name); drop "
+                              "--exclude-same-patient")
+        patient = query.patient_id
+    skip = [query.row] if query.row is not None and not include_query else []
+    sims, rows = search_vectors(store, query.vector[None], k, split=split, exclude_rows=[skip],
+                                exclude_patients=[patient], index=index)
+    hits = _hits(store, sims[0], rows[0])
+    if len(hits) < k:
+        log.warning("only %d images pass the filters (asked for %d)", len(hits), k)
+    if montage is not None:
+        save_montage(store, query, hits, montage, data_root=data_root)
+    return hits
+
+
+# ---------------------------------------------------------------------------------------
+# Montage
+
+
+def _image_for(store: EmbeddingStore, row: int, data_root: Path) -> np.ndarray | None:
+    from cxrembed.data.images import decode
+
+    rel = str(store.image_path[row])
+    candidates = [data_root / rel] if rel else []
+    candidates.append(data_root / str(store.image_id[row]))
+    for path in candidates:
+        if path.is_file():
+            try:
+                return decode(path, size=224)
+            except DataError:
+                return None
+    return None
+
+
+def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
+                 out: str | os.PathLike, data_root: str | os.PathLike | None = None,
+                 columns: int = 6) -> Path:
+    """One PNG: the query, then each neighbour with its similarity, id and labels."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ConfigError("--montage needs matplotlib: pip install matplotlib") from None
+    from cxrembed.data.images import decode
+
+    root = Path(data_root or store.attrs.get("dataset_root") or ".")
+    panels: list[tuple[np.ndarray | None, str, str]] = []
+    if query.kind == "text":
+        panels.append((None, "query (text)", query.value))
+    elif query.kind == "image":
+        panels.append((decode(query.value, size=224), "query", Path(query.value).name))
+    else:
+        names = [store.label_names[j] for j in np.flatnonzero(store.labels[query.row])]
+        panels.append((_image_for(store, query.row, root), "query",
+                       f"{query.value}\n{', '.join(names) or 'No Finding'}"))
+    for hit in hits:
+        labels = ", ".join(hit.labels) or "No Finding"
+        panels.append((_image_for(store, hit.row, root),
+                       f"#{hit.rank}  sim {hit.similarity:.3f}",
+                       f"{hit.image_id}\n{labels}"))
+    cols = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (pixels, title, caption) in zip(axes.flat, panels):
+        ax.imshow(pixels if pixels is not None else np.full((224, 224), 215, np.uint8),
+                  cmap="gray", vmin=0, vmax=255)
+        if pixels is None:
+            note = textwrap.fill(caption, 24) if query.kind == "text" and title.startswith(
+                "query") else "image not found"
+            ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=9,
+                    transform=ax.transAxes)
+        ax.set_title(title, fontsize=9, color="tab:red" if title.startswith("query") else "k")
+        ax.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, transform=ax.transAxes)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+    return out

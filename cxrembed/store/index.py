@@ -1,0 +1,315 @@
+"""The FAISS index beside a store: ``STORE.h5`` -> ``STORE.faiss`` (+ ``STORE.faiss.json``).
+
+Kinds (inner product on unit vectors = cosine similarity; FAISS ids = store rows):
+
+- ``flat`` (default): exact search, ``IndexFlatIP``. At NIH size (112,120 × 512) it builds
+  in well under a second and answers a batch of queries in about a millisecond each.
+- ``ivf``: ``IndexIVFFlat``, ``nlist`` ≈ 2·√N k-means cells, ``nprobe`` of them visited.
+- ``hnsw``: an HNSW graph over float16 vectors (``IndexHNSWSQ``; ``M`` links per node,
+  ``efSearch`` candidates per query).
+
+The approximate kinds trade recall for speed on stores far beyond NIH size;
+``benchmarks/bench_search.py`` measures both. The index is built on the GPU when
+faiss-gpu and a GPU are present (flat and ivf), saved as a CPU index, and memory-mapped
+when loaded, so opening it costs no RAM for the vectors. The ``.json`` sidecar records the
+kind, its search parameters and the store's ``uuid``: an index of another store (or of an
+older encode at the same path) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, StoreError
+
+log = logging.getLogger(__name__)
+
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+ADD_BLOCK = 65_536  # rows read from the store and added per step
+TRAIN_PER_CELL = 50  # k-means training points per IVF cell (FAISS warns below 39)
+KMEANS_ITERATIONS = 10  # FAISS's default is 25; cells barely move after 10
+IVF_PROBE_SHARE = 16  # nprobe = nlist / 16 ...
+IVF_MIN_PROBE = 64  # ... but at least 64 cells
+
+
+@dataclass
+class IndexInfo:
+    """What the sidecar records about an index."""
+
+    kind: str
+    ntotal: int
+    dim: int
+    store_uuid: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # nlist, nprobe, M, efSearch ...
+
+
+@dataclass
+class LoadedIndex:
+    """A FAISS index and its sidecar facts."""
+
+    index: Any
+    info: IndexInfo
+
+
+def index_path(store_path: str | os.PathLike) -> Path:
+    """``STORE.h5`` -> ``STORE.faiss``."""
+    return Path(store_path).with_suffix(".faiss")
+
+
+def _info_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise StoreError("FAISS is not installed: pip install faiss-cpu (or faiss-gpu-cu12)"
+                         ) from None
+    return faiss
+
+
+def gpu_available() -> bool:
+    """faiss-gpu is installed and sees a GPU."""
+    faiss = _faiss()
+    if not hasattr(faiss, "StandardGpuResources"):
+        return False
+    try:
+        return faiss.get_num_gpus() > 0
+    except Exception:  # noqa: BLE001 - a broken CUDA setup means no GPU, not a crash
+        return False
+
+
+def default_nlist(n: int) -> int:
+    """About 2·√N cells (670 at NIH size, 2,000 at 1M), at least 39 points per cell
+    (FAISS's floor). Fewer, larger cells than the usual 4·√N keep k-means training and
+    assignment to a couple of minutes at 1M vectors on a 2-core CPU."""
+    return int(max(1, min(round(2 * math.sqrt(n)), n // 39)))
+
+
+def default_nprobe(nlist: int) -> int:
+    """A 16th of the cells, at least 64 (recall@10 ~0.98 at 112k and ~0.997 at 1M
+    synthetic vectors in ``benchmarks/bench_search.py``)."""
+    return int(min(nlist, max(IVF_MIN_PROBE, round(nlist / IVF_PROBE_SHARE))))
+
+
+def default_params(kind: str, n: int) -> dict[str, Any]:
+    """Build/search parameters of each kind (chosen with ``benchmarks/bench_search.py``)."""
+    if kind == "flat":
+        return {}
+    if kind == "ivf":
+        nlist = default_nlist(n)
+        return {"nlist": nlist, "nprobe": default_nprobe(nlist)}
+    if kind == "hnsw":
+        return {"M": 16, "efConstruction": 40, "efSearch": 128}
+    raise ConfigError(f"unknown index kind {kind!r}; expected one of {', '.join(INDEX_KINDS)}")
+
+
+def make_index(vectors: np.ndarray, kind: str = "flat", params: dict[str, Any] | None = None,
+               gpu: bool | None = None, seed: int = 1234) -> tuple[Any, dict[str, Any]]:
+    """Build a CPU FAISS index over unit float32 ``vectors`` (ids = row numbers).
+
+    ``gpu=None`` uses a GPU when there is one (flat and ivf). Returns the index and the
+    parameters used. Loads everything in memory; :func:`build_index` streams a store.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    builder = _Builder(kind, vectors.shape[1], len(vectors), params, gpu, seed)
+    builder.train(vectors)
+    builder.add(vectors)
+    return builder.finish(), builder.params
+
+
+class _Builder:
+    """Train on a sample, add in blocks, return a CPU index."""
+
+    def __init__(self, kind: str, dim: int, n: int, params: dict[str, Any] | None,
+                 gpu: bool | None, seed: int) -> None:
+        faiss = _faiss()
+        self.faiss, self.kind, self.seed = faiss, kind, seed
+        self.params = {**default_params(kind, n), **(params or {})}
+        if kind == "ivf" and "nprobe" not in (params or {}):  # follow a given nlist
+            self.params["nprobe"] = default_nprobe(int(self.params["nlist"]))
+        unknown = set(self.params) - set(default_params(kind, n)) - {"training_rows"}
+        if unknown:
+            raise ConfigError(f"unknown {kind} index parameter(s) {', '.join(sorted(unknown))}; "
+                              f"expected {', '.join(default_params(kind, n)) or 'none'}")
+        use_gpu = gpu_available() if gpu is None else gpu
+        if use_gpu and not gpu_available():
+            raise ConfigError("gpu=True but faiss-gpu or a GPU is missing: pip install "
+                              "faiss-gpu-cu12, or build on the CPU")
+        metric = faiss.METRIC_INNER_PRODUCT
+        if kind == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif kind == "ivf":
+            if self.params["nlist"] > n:
+                raise ConfigError(f"nlist {self.params['nlist']} exceeds the {n} vectors")
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, int(self.params["nlist"]),
+                                       metric)
+            index.nprobe = int(self.params["nprobe"])
+            index.cp.niter = KMEANS_ITERATIONS
+            index.cp.seed = seed
+        else:
+            # float16 storage: the store's vectors are float16 already, so nothing is lost,
+            # and half the bytes per distance builds the graph ~1.6x faster.
+            index = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_fp16, int(self.params["M"]),
+                                      metric)
+            index.hnsw.efConstruction = int(self.params["efConstruction"])
+            index.hnsw.efSearch = int(self.params["efSearch"])
+            use_gpu = False  # HNSW has no GPU build in FAISS
+        self.gpu_res = None
+        if use_gpu:
+            self.gpu_res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self.gpu_res, 0, index)
+            log.info("building the %s index on the GPU", kind)
+        self.index = index
+
+    @property
+    def needs_training(self) -> bool:
+        return self.kind == "ivf"
+
+    def training_rows(self, n: int) -> np.ndarray:
+        """Rows to train on: up to 50 points per cell, drawn with a fixed seed."""
+        want = min(n, TRAIN_PER_CELL * int(self.params.get("nlist", 1)))
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(n, size=want, replace=False))
+
+    def train(self, sample: np.ndarray) -> None:
+        if self.needs_training:
+            if len(sample) > TRAIN_PER_CELL * self.params["nlist"]:
+                sample = sample[self.training_rows(len(sample))]
+            self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def add(self, block: np.ndarray) -> None:
+        self.index.add(np.ascontiguousarray(block, dtype=np.float32))
+
+    def finish(self) -> Any:
+        if self.gpu_res is not None:
+            return self.faiss.index_gpu_to_cpu(self.index)
+        return self.index
+
+
+def build_index(store_path: str | os.PathLike, kind: str = "flat", *,
+                params: dict[str, Any] | None = None, gpu: bool | None = None,
+                progress: bool = False) -> Path:
+    """Build the index of a complete store and save it beside it; returns its path.
+
+    Vectors are read from the store in blocks; the index itself (N × D float32) is held in
+    memory while it is built.
+    """
+    from cxrembed.progress import progress_bar
+    from cxrembed.store.reader import EmbeddingStore
+
+    if kind not in INDEX_KINDS:
+        raise ConfigError(f"unknown index kind {kind!r}; expected one of {', '.join(INDEX_KINDS)}")
+    faiss = _faiss()
+    with EmbeddingStore.open(store_path) as store:
+        n = len(store)
+        if n == 0:
+            raise StoreError(f"store {store_path} has no rows to index")
+        builder = _Builder(kind, store.embed_dim, n, params, gpu, seed=1234)
+        if builder.needs_training:
+            builder.train(store.embeddings(builder.training_rows(n)))
+        with progress_bar(n, f"indexing ({kind})", enabled=progress, unit="vec") as advance:
+            for start in range(0, n, ADD_BLOCK):
+                stop = min(n, start + ADD_BLOCK)
+                builder.add(store.embeddings(np.arange(start, stop)))
+                advance(stop - start)
+        index = builder.finish()
+        info = IndexInfo(kind=kind, ntotal=int(index.ntotal), dim=store.embed_dim,
+                         store_uuid=str(store.attrs.get("uuid", "")), params=builder.params)
+    out = index_path(store_path)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        faiss.write_index(index, str(tmp))
+        _info_path(tmp).write_text(json.dumps(asdict(info), indent=2))
+        # The sidecar first: an index file never sits beside a stale sidecar.
+        os.replace(_info_path(tmp), _info_path(out))
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as exc:
+        tmp.unlink(missing_ok=True)
+        _info_path(tmp).unlink(missing_ok=True)
+        raise StoreError(f"cannot write index {out}: {exc}") from exc
+    log.info("%s index of %d vectors at %s", kind, info.ntotal, out)
+    return out
+
+
+def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedIndex:
+    """Load the index beside an open :class:`EmbeddingStore` (memory-mapped by default).
+
+    Raises StoreError when there is none, or it belongs to another store or encode.
+    """
+    faiss = _faiss()
+    path = index_path(store.path)
+    info_file = _info_path(path)
+    if not path.is_file() or not info_file.is_file():
+        raise StoreError(f"no index beside store {store.path} (expected {path}); build one "
+                         f"with `cxrembed index {store.path}`")
+    try:
+        info = IndexInfo(**json.loads(info_file.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise StoreError(f"cannot read {info_file}: {exc}; rebuild it with "
+                         f"`cxrembed index {store.path}`") from None
+    if info.store_uuid != str(store.attrs.get("uuid", "")) or info.ntotal != len(store):
+        raise StoreError(f"index {path} was built for another encode of this store; rebuild it "
+                         f"with `cxrembed index {store.path}`")
+    # Flat codes map with IO_FLAG_MMAP_IFC; IVF lists with IO_FLAG_MMAP (the two together
+    # fail on IVF).
+    flags = 0
+    if mmap:
+        flags = faiss.IO_FLAG_MMAP if info.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
+        flags |= faiss.IO_FLAG_READ_ONLY
+    try:
+        index = faiss.read_index(str(path), flags)
+    except RuntimeError as exc:
+        raise StoreError(f"cannot read index {path}: {exc}; rebuild it with "
+                         f"`cxrembed index {store.path}`") from None
+    if index.ntotal != len(store) or index.d != store.embed_dim:
+        raise StoreError(f"index {path} holds {index.ntotal} × {index.d} vectors, the store "
+                         f"{len(store)} × {store.embed_dim}; rebuild it")
+    if gpu:
+        if not gpu_available():
+            raise ConfigError("gpu=True but faiss-gpu or a GPU is missing")
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return LoadedIndex(index=index, info=info)
+
+
+def search_index(index: Any, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
+                 params: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of unit ``queries`` (q, D) among ``allowed`` rows.
+
+    ``allowed`` is a boolean mask over the index's rows (None: all). Returns similarities
+    and rows, ``(q, k)`` each; slots with no result hold row -1.
+    """
+    faiss = _faiss()
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    params = params or {}
+    kwargs: dict[str, Any] = {}
+    if allowed is not None:
+        bitmap = np.packbits(np.asarray(allowed, dtype=bool), bitorder="little")
+        kwargs["sel"] = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+    if "nprobe" in params and _is_ivf(faiss, index):
+        search_params = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]), **kwargs)
+    elif "efSearch" in params and _is_hnsw(faiss, index):
+        search_params = faiss.SearchParametersHNSW(efSearch=int(params["efSearch"]), **kwargs)
+    elif kwargs:
+        search_params = faiss.SearchParameters(**kwargs)
+    else:
+        search_params = None
+    sims, rows = index.search(queries, k, params=search_params)
+    return sims, rows
+
+
+def _is_ivf(faiss: Any, index: Any) -> bool:
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def _is_hnsw(faiss: Any, index: Any) -> bool:
+    return isinstance(index, faiss.IndexHNSW)

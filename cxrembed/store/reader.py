@@ -1,0 +1,334 @@
+"""Reading a store: metadata in memory, vectors read only for the rows asked for."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrembed.errors import ConfigError, StoreError
+from cxrembed.labels import LABELS, canonical
+from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, NO_FINDING_KEY, ROW_FIELDS,
+                                   decode_strings, read_attrs)
+
+log = logging.getLogger(__name__)
+
+#: Rows read per HDF5 slice when gathering scattered rows (bounds the extra memory).
+READ_BLOCK = 8192
+
+
+def _fingerprint_of(thing: Any) -> dict:
+    if isinstance(thing, dict):
+        return thing
+    fingerprint = getattr(thing, "fingerprint", None)
+    if isinstance(fingerprint, dict):
+        return fingerprint
+    raise TypeError(f"cannot take an encoder fingerprint from {type(thing).__name__}")
+
+
+def check_same_encoder(a: Any, b: Any, what: tuple[str, str] | None = None) -> None:
+    """Refuse to compare vectors of two different encoders.
+
+    ``a`` and ``b`` are stores, encoders or fingerprint dicts. Raises StoreError naming the
+    fields that differ; returns None when the fingerprints are equal.
+    """
+    fa, fb = _fingerprint_of(a), _fingerprint_of(b)
+    # Compare as JSON: tuples and lists, ints and floats spelled alike compare alike.
+    ja = json.loads(json.dumps(fa, sort_keys=True, default=str))
+    jb = json.loads(json.dumps(fb, sort_keys=True, default=str))
+    if ja == jb:
+        return
+    names = what or (_describe(a), _describe(b))
+    keys = sorted(k for k in set(ja) | set(jb) if ja.get(k) != jb.get(k))
+    diffs = "; ".join(f"{k}: {ja.get(k)!r} vs {jb.get(k)!r}" for k in keys[:5])
+    raise StoreError(f"{names[0]} and {names[1]} come from different encoders ({diffs}); "
+                     "their vectors are not comparable: encode both with the same model "
+                     "and weights")
+
+
+def _describe(thing: Any) -> str:
+    if isinstance(thing, EmbeddingStore):
+        return f"store {thing.path}"
+    if isinstance(thing, dict):
+        return f"fingerprint {thing.get('model', thing.get('model_name', '?'))}"
+    return f"encoder {getattr(thing, 'model_name', type(thing).__name__)}"
+
+
+def _sorted_unique(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, inverse = np.unique(rows, return_inverse=True)
+    return uniq, inverse
+
+
+class EmbeddingStore:
+    """A read-only store. Metadata arrays (small) are loaded; vectors are read on demand.
+
+    Open with :meth:`open`. Row ``i`` of every array and of :meth:`embeddings` is image
+    ``image_id[i]``. An incomplete store opened with ``allow_incomplete`` shows only its
+    finished rows.
+    """
+
+    def __init__(self, path: Path, h5file: Any, attrs: dict[str, Any], rows: int) -> None:
+        self.path = path
+        self._file = h5file
+        self.attrs = attrs
+        self._n = rows
+        for name in ROW_FIELDS:
+            data = h5file[name][:rows]
+            setattr(self, name, decode_strings(data) if ROW_FIELDS[name] == "S" else data)
+        self._row_of: dict[str, int] | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, allow_incomplete: bool = False) -> "EmbeddingStore":
+        """Open ``path`` read-only; refuse another format version or an incomplete store."""
+        import h5py
+
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(f"store {path} does not exist; create it with "
+                             "`cxrembed encode DATA --out STORE.h5`")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise StoreError(f"cannot open store {path}: {exc} (not an HDF5 file, or an "
+                             "encode is still writing it)") from None
+        try:
+            attrs = read_attrs(f.attrs)
+            if attrs.get("format") != FORMAT:
+                raise StoreError(f"{path} is an HDF5 file but not a cxrembed store (no "
+                                 f"format={FORMAT!r} attribute)")
+            version = attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise StoreError(
+                    f"store {path} has format version {version}; this cxrembed "
+                    f"({attrs.get('cxrembed_version', '?')} wrote it) reads version "
+                    f"{FORMAT_VERSION}: re-encode it with `cxrembed encode`, or use the "
+                    "cxrembed version that wrote it")
+            done = int(f["rows_done"][0])
+            if not attrs.get("complete"):
+                if not allow_incomplete:
+                    raise StoreError(
+                        f"store {path} is incomplete ({done} of {attrs['num_rows']} rows); "
+                        "finish it by rerunning the encode with --resume, or open it with "
+                        "allow_incomplete=True to use the finished rows")
+                log.warning("store %s is incomplete: using its first %d of %d rows", path,
+                            done, attrs["num_rows"])
+            return cls(path, f, attrs, done if not attrs.get("complete") else attrs["num_rows"])
+        except BaseException:
+            f.close()
+            raise
+
+    # ---------------------------------------------------------------------------------
+    # Facts
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingStore({str(self.path)!r}, rows={len(self)}, "
+                f"model={self.attrs.get('model_name')!r}, dim={self.embed_dim})")
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.attrs.get("fingerprint") or {}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.attrs["embed_dim"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def has_head(self) -> bool:
+        return bool(self.attrs.get("has_head"))
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.attrs.get("has_text"))
+
+    @property
+    def run(self) -> str | None:
+        """The adapted run whose encoder (and head) made this store, or None."""
+        return self.attrs.get("run") or None
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.attrs.get("label_names") or LABELS)
+
+    # ---------------------------------------------------------------------------------
+    # Rows
+
+    def row_of(self, image_id: str) -> int:
+        """The row of a stored image id (StoreError when absent)."""
+        if self._row_of is None:
+            self._row_of = {name: i for i, name in enumerate(self.image_id)}
+        try:
+            return self._row_of[image_id]
+        except KeyError:
+            raise StoreError(f"image {image_id!r} is not in store {self.path} "
+                             f"({len(self)} images, e.g. {', '.join(self.image_id[:3])})"
+                             ) from None
+
+    def select(self, split: str | None = None, view: str | None = None,
+               label: str | None = None) -> np.ndarray:
+        """Row indices (int64, ascending) of images matching every filter given.
+
+        ``label`` is a class name (any accepted spelling) for images carrying it, or
+        ``"No Finding"`` for images carrying none.
+        """
+        keep = np.ones(len(self), dtype=bool)
+        if split is not None:
+            if split not in ("train", "val", "test"):
+                raise ConfigError(f"unknown split {split!r}; expected train, val or test")
+            keep &= self.split == split
+        if view is not None:
+            if view.upper() not in ("PA", "AP"):
+                raise ConfigError(f"unknown view {view!r}; expected PA or AP")
+            keep &= self.view == view.upper()
+        if label is not None:
+            if label.strip().lower() == NO_FINDING_KEY.lower():
+                keep &= self.labels.sum(axis=1) == 0
+            else:
+                keep &= self.labels[:, self.label_names.index(canonical(label))] == 1
+        return np.flatnonzero(keep)
+
+    def _check_rows(self, rows: Any) -> np.ndarray | None:
+        if rows is None:
+            return None
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise ConfigError(f"boolean row mask of shape {rows.shape}; the store has "
+                                  f"{len(self)} rows")
+            return np.flatnonzero(rows)
+        rows = rows.astype(np.int64, copy=False).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            bad = rows[(rows < 0) | (rows >= len(self))][0]
+            raise ConfigError(f"row {bad} is out of range: store {self.path} has {len(self)} "
+                              "rows")
+        return rows
+
+    def _gather(self, name: str, rows: np.ndarray | None) -> np.ndarray:
+        """Rows of a 1-d or 2-d dataset in the order given, reading only the slabs needed."""
+        dset = self._file[name]
+        if rows is None:
+            return dset[:len(self)]
+        out = np.empty((len(rows),) + dset.shape[1:], dtype=dset.dtype)
+        if not len(rows):
+            return out
+        uniq, inverse = _sorted_unique(rows)
+        gathered = np.empty((len(uniq),) + dset.shape[1:], dtype=dset.dtype)
+        # One contiguous slab per READ_BLOCK span of rows touched: reads at most
+        # READ_BLOCK rows more than asked for at a time, and never the whole file.
+        start = 0
+        while start < len(uniq):
+            first = uniq[start]
+            stop = int(np.searchsorted(uniq, first + READ_BLOCK, side="left"))
+            last = uniq[stop - 1]
+            slab = dset[first:last + 1]
+            gathered[start:stop] = slab[uniq[start:stop] - first]
+            start = stop
+        out[:] = gathered[inverse]
+        return out
+
+    def embeddings(self, rows: Any = None, normalized: bool = True) -> np.ndarray:
+        """float32 ``(k, D)`` vectors of ``rows`` (None: all), in the order given.
+
+        ``normalized=True`` gives unit vectors (for cosine similarity); False gives the
+        encoder's raw joint-space output (the adapted head's input).
+        """
+        rows = self._check_rows(rows)
+        x = self._gather("embedding", rows).astype(np.float32)
+        if normalized:
+            norms = self._gather("embedding_norm", rows)
+            x /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+        return x
+
+    def norms(self, rows: Any = None) -> np.ndarray:
+        """float32 L2 norms of the stored raw vectors."""
+        return self._gather("embedding_norm", self._check_rows(rows)).astype(np.float32)
+
+    def head_logits(self, rows: Any = None) -> np.ndarray:
+        """float32 ``(k, 14)`` adapted-head logits; StoreError when the store has none."""
+        if not self.has_head:
+            raise StoreError(f"store {self.path} has no adapted-head logits: it was encoded "
+                             "with a frozen CLIP; encode with --checkpoint RUN to get them")
+        return self._gather("head_logits", self._check_rows(rows)).astype(np.float32)
+
+    # ---------------------------------------------------------------------------------
+    # Text
+
+    def _require_text(self) -> None:
+        if not self.has_text:
+            raise StoreError(f"store {self.path} was encoded with "
+                             f"{self.attrs.get('model_name')!r}, which has no text tower: "
+                             "text prompts and text queries need a CLIP with one")
+
+    @property
+    def prompts(self) -> dict[str, tuple[list[str], list[str]]]:
+        """The class prompts stored: ``{class: ([positive], [negative])}``."""
+        self._require_text()
+        raw = json.loads(self._file["text"].attrs["prompts"])
+        return {name: (list(pos), list(neg)) for name, (pos, neg) in raw.items()}
+
+    def text_embeddings(self, normalized: bool = True) -> dict[str, np.ndarray]:
+        """``{prompt: float32 vector}`` for every stored prompt."""
+        self._require_text()
+        names = self._file["text/prompt"].asstr()[:]
+        vectors = self._file["text/embedding"][:].astype(np.float32)
+        if normalized:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return dict(zip(names, vectors))
+
+    def encoder(self, device: str = "cpu") -> Any:
+        """Load the encoder that made this store (its weights must be reachable here) and
+        check that its fingerprint is the store's."""
+        from cxrembed.model import load_encoder
+
+        args = self.attrs.get("load_args")
+        if not args:
+            raise StoreError(f"store {self.path} does not record how to load its encoder "
+                             f"({self.attrs.get('model_name')}); pass the encoder yourself")
+        encoder = load_encoder(**args, device=device)
+        check_same_encoder(self, encoder, what=(f"store {self.path}",
+                                                f"the encoder loaded from {args}"))
+        return encoder
+
+    def encode_prompts(self, prompts: list[str], normalized: bool = True,
+                       encoder: Any = None) -> np.ndarray:
+        """float32 ``(P, D)`` text embeddings: stored ones reused, the rest encoded with
+        the store's own encoder (loaded once, only when needed)."""
+        self._require_text()
+        stored = self.text_embeddings(normalized=False)
+        missing = [p for p in dict.fromkeys(prompts) if p not in stored]
+        if missing:
+            import torch
+
+            encoder = encoder or self.encoder()
+            check_same_encoder(self, encoder)
+            with torch.no_grad():
+                new = encoder.encode_text(missing).float().cpu().numpy()
+            stored.update(zip(missing, new))
+        out = np.stack([stored[p] for p in prompts]).astype(np.float32) if prompts else \
+            np.zeros((0, self.embed_dim), np.float32)
+        if normalized and len(out):
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    # ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "EmbeddingStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,127 @@
+"""The HDF5 embedding store, format version 1: one file per (dataset, encoder) pair.
+
+Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
+
+    attrs
+      format            "cxrembed.store"
+      format_version    1 (readers refuse any other)
+      cxrembed_version  the package version that wrote the file
+      uuid              random id of this store; the FAISS index beside it records it
+      created           ISO-8601 UTC time the encode started
+      finished          ISO-8601 UTC time the complete flag was set ("" until then)
+      complete          False until every row is written; set last
+      num_rows          N
+      embed_dim         D
+      model_name        the encoder's architecture (``ViT-B-32``, ``cxr-tiny``)
+      weights_source    where its weights came from (tag, file, ``none``, adapted run)
+      weights_sha256    hash of that weights file ("" when none)
+      fingerprint       JSON: the encoder's fingerprint; equal <=> same encoder
+      preprocessing     JSON: how pixels were decoded and normalised
+      run               the adapted run the encoder came from ("" for a frozen CLIP)
+      load_args         JSON: ``load_encoder`` keyword arguments that load the encoder
+                        again (queries by image or new text use it)
+      has_head          the adapted head's logits are stored
+      has_text          the encoder has a text tower (text queries, zero-shot)
+      label_names       JSON: the 14 class names, the column order of ``labels``
+      batch_size        the batch size of the encode (a resume reuses it, so its batches,
+      chunk_rows        and hence its vectors, are those of an uninterrupted run)
+      dataset_root      the data folder encoded (for montages); ``image_path`` is relative to it
+      dataset_sources   JSON: the metadata and split files it was read from
+      selection         JSON: the ``splits`` and ``limit`` asked for
+
+    per image, row-aligned, written once when the store is created
+      image_id    S  (N,)      file name, ``00000001_000.png``
+      patient_id  i8 (N,)
+      follow_up   i8 (N,)
+      split       S  (N,)      ``train`` / ``val`` / ``test``
+      view        S  (N,)      ``PA`` / ``AP``
+      sex         S  (N,)      ``M`` / ``F``
+      age         f4 (N,)      NaN where unknown
+      labels      u1 (N, 14)   multi-hot, columns in ``label_names`` order
+      image_path  S  (N,)      UTF-8 image path relative to ``dataset_root``
+
+    per image, filled in chunks by the encode
+      embedding       f2 (N, D)   the encoder's output in CLIP's joint space, *not*
+                                  normalised (the adapted head's input, what few-shot heads
+                                  train on)
+      embedding_norm  f4 (N,)     L2 norm of each stored float16 row: the unit vector used
+                                  for similarity is ``embedding / embedding_norm``
+      head_logits     f4 (N, 14)  the adapted head's logits (only when ``has_head``)
+      rows_done       i8 (1,)     rows 0 .. rows_done-1 are final
+
+    text (only when ``has_text``)
+      text/prompt     str (P,)    every prompt, each once
+      text/embedding  f4 (P, D)   its text embedding, not normalised
+      text attrs      prompts: JSON {class: [[positive prompts], [negative prompts]]},
+                      ``No Finding`` included
+
+Crash safety: every dataset is allocated (contiguous, early allocation) when the file is
+created and flushed, so an encode afterwards writes raw bytes only: a chunk's rows, a
+flush, then ``rows_done``, then a flush. A process killed at any point (``kill -9``) or a
+write failing with a full disk leaves a file whose first ``rows_done`` rows are final and
+whose metadata was never touched; ``--resume`` continues from there. ``complete`` is the
+one attribute written after creation.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+FORMAT = "cxrembed.store"
+FORMAT_VERSION = 1
+
+#: Row-aligned metadata datasets and their on-disk dtypes ("S" = UTF-8 bytes).
+ROW_FIELDS: dict[str, str] = {
+    "image_id": "S",
+    "patient_id": "i8",
+    "follow_up": "i8",
+    "split": "S",
+    "view": "S",
+    "sex": "S",
+    "age": "f4",
+    "labels": "u1",
+    "image_path": "S",
+}
+#: Attributes stored as JSON strings (decoded by the reader).
+JSON_ATTRS = ("fingerprint", "preprocessing", "label_names", "dataset_sources", "selection",
+              "load_args")
+NO_FINDING_KEY = "No Finding"
+
+
+def encode_strings(values: np.ndarray) -> np.ndarray:
+    """Python / numpy strings -> fixed-width UTF-8 bytes (HDF5 fixed-length strings)."""
+    values = np.asarray(values, dtype=str)
+    if values.size == 0:
+        return np.zeros(values.shape, dtype="S1")
+    return np.char.encode(values, "utf-8")
+
+
+def decode_strings(values: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_strings`: a numpy ``str`` array."""
+    values = np.asarray(values)
+    if values.dtype.kind == "S":
+        return np.char.decode(values, "utf-8")
+    return values.astype(str)
+
+
+def attr_value(value: Any) -> Any:
+    """Decode an HDF5 attribute to plain Python (bytes -> str, numpy scalars -> Python)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_attrs(h5attrs: Any) -> dict[str, Any]:
+    """All attributes of a store file as plain Python, JSON ones parsed."""
+    out = {}
+    for key, value in h5attrs.items():
+        value = attr_value(value)
+        if key in JSON_ATTRS and isinstance(value, str):
+            value = json.loads(value) if value else None
+        out[key] = value
+    return out
