@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from cxrembed.errors import CxrembedError
+from cxrembed.fewshot.results import to_jsonable
 
 app = typer.Typer(
     name="cxrembed",
@@ -52,20 +53,7 @@ def run_guarded(app: typer.Typer) -> None:
 
 def print_json(obj: Any) -> None:
     """Write one JSON document to stdout (nothing else goes to stdout)."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-    from pathlib import Path
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    sys.stdout.write(json.dumps(obj, indent=2, default=to_jsonable) + "\n")
 
 
 # ---------------------------------------------------------------------------------------
