@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {
     "decode": ("bench_decode.py", [], ["--repeat", "1"]),
     "adapt": ("bench_adapt.py", [], ["--quick"]),
-    "encode": ("bench_encode.py", [], ["--quick"]),
-    "search": ("bench_search.py", [], ["--quick"]),
+    "encode": ("bench_encode.py", [], ["--images", "32", "--repeat", "3", "--models", "cxr-tiny"]),
+    "search": ("bench_search.py", [], ["--sizes", "112120", "--queries", "200", "--single", "20"]),
     "fewshot": ("bench_fewshot.py", [], ["--quick"]),
 }
 
