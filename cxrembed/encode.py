@@ -251,6 +251,7 @@ def encode_dataset(
     workers: int = 2,
     chunk_rows: int | None = None,
     progress: bool = True,
+    allow_other_data: bool = False,
 ) -> EncodeResult:
     """Encode ``dataset`` (an :class:`~cxrembed.data.nih.NIHDataset`) into the store ``out``.
 
@@ -266,6 +267,8 @@ def encode_dataset(
         prompts: class prompts (dict ``{class: (pos, neg)}`` or a JSON file, see
             :func:`load_prompts`); the defaults otherwise. Stored with their text
             embeddings when the encoder has a text tower.
+        allow_other_data: encode with an adapted encoder data that is not split as its
+            run's data was (otherwise refused: its val/test could hold training images).
         index: the FAISS index to build at the end (``flat``, ``ivf``, ``hnsw``; None:
             none).
         workers: threads reading ahead of the model (0: read inline).
@@ -283,6 +286,10 @@ def encode_dataset(
         raise ConfigError(f"batch size {batch_size}: give a positive number")
     if index is not None and index not in ("flat", "ivf", "hnsw"):
         raise ConfigError(f"unknown index kind {index!r}; expected flat, ivf or hnsw")
+    if getattr(encoder, "run", None) and not allow_other_data:
+        from cxrembed.model.run_state import check_run_data
+
+        check_run_data(encoder.run, dataset)
     rows = select_rows(dataset, splits, limit)
     part = dataset.subset(rows) if len(rows) < len(dataset) else dataset
     source = ImageSource(part, cache_path=pixel_cache)  # a wrong cache fails before any write

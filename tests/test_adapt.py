@@ -286,3 +286,23 @@ def test_cli_saves_the_flags_it_was_given(small, tmp_path):
     bad = CliRunner().invoke(app, args[:-1] + ["--lr-head", "0.003"])
     assert bad.exit_code != 0 and isinstance(bad.exception, ConfigError)
     assert "different run" in str(bad.exception)
+
+
+def test_encode_refuses_data_split_unlike_the_runs(small, tmp_path):
+    """A store whose val/test could hold the run's training images is refused."""
+    from cxrembed.data.nih import load_nih
+    from cxrembed.encode import encode_dataset
+    from cxrembed.model import load_encoder as load
+
+    adapt(small, tmp_path / "run", tiny(epochs=1), progress=False)
+    encoder = load(checkpoint=tmp_path / "run")
+    resplit = load_nih(small.root, val_fraction=0.2, seed=99)  # same images, other val
+    assert not np.array_equal(resplit.split, small.split)
+    with pytest.raises(ConfigError, match="other data or other splits.*--split-seed"):
+        encode_dataset(resplit, tmp_path / "other.h5", encoder, progress=False)
+    assert not (tmp_path / "other.h5").exists()
+    encode_dataset(resplit, tmp_path / "other.h5", encoder, progress=False, limit=8,
+                   allow_other_data=True, index=None)
+    result = encode_dataset(small, tmp_path / "same.h5", encoder, progress=False, limit=8,
+                            index=None)
+    assert result.rows == 8

@@ -28,7 +28,7 @@ def encode(
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", help="An adapted run folder (`cxrembed adapt`): its encoder and head.")] = None,
     cache: Annotated[Optional[Path], typer.Option(
-        "--cache", help="Pixel cache of DATA (`cxrembed cache`); PNGs are decoded without.")] = None,
+        "--pixel-cache", "--cache", help="Pixel cache of DATA (`cxrembed cache`); PNGs are decoded without.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 64,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
@@ -50,6 +50,9 @@ def encode(
     val_fraction: ValFractionOpt = 0.1,
     split_seed: SplitSeedOpt = 7,
     allow_missing: AllowMissingOpt = False,
+    allow_other_data: Annotated[bool, typer.Option(
+        "--allow-other-data", help="With --checkpoint: encode data split unlike the run's "
+        "(refused otherwise: its val/test could hold images the run trained on).")] = False,
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -64,7 +67,8 @@ def encode(
     result = encode_dataset(dataset, out, encoder, pixel_cache=cache, batch_size=batch_size,
                             resume=resume, overwrite=overwrite, limit=limit, splits=split,
                             prompts=prompts, index=None if index == "none" else index,
-                            workers=workers, progress=not no_progress)
+                            workers=workers, progress=not no_progress,
+                            allow_other_data=allow_other_data)
     if json_out:
         print_json(result.to_dict())
         return

@@ -269,3 +269,31 @@ def read_progress(state_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_run_data(run_dir: str | os.PathLike, dataset: Any) -> None:
+    """Refuse to use an adapted run on data split differently from the data it trained on.
+
+    A store made with other split options (``--split-seed``, ``--val-fraction``, lists,
+    ``--view``) would put images the encoder trained on into its val or test rows, and
+    every later selection or test figure would be inflated without a sign.
+    """
+    from cxrembed.errors import ConfigError
+
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("data")
+    except (OSError, json.JSONDecodeError):
+        saved = None
+    if not saved:
+        raise ConfigError(f"{path} is missing or records no data identity; cannot check that "
+                          "this data is split as the run's was")
+    current = data_identity(dataset)
+    if saved["sha256"] != current["sha256"]:
+        raise ConfigError(
+            f"the adapted run {run_dir} was trained on other data or other splits (run: "
+            f"{saved['images']} images, splits {saved['splits']}; now: {current['images']} "
+            f"images, splits {current['splits']}). Pass the same data options as `cxrembed "
+            "adapt` (--split-seed, --val-fraction, --view, lists), or --allow-other-data if "
+            "these images are meant to be new to the run (its val/test could then hold "
+            "images it trained on)")
