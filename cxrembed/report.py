@@ -103,7 +103,8 @@ def _dataset_section(summary: dict) -> str:
             f"{ds['patients']:,}</b>patients</span><span class=kpi><b>{ds['views']['PA']:,} / "
             f"{ds['views']['AP']:,}</b>PA / AP</span></p><p class=note>Splits are "
             "patient-disjoint: test is the official test list; val is a seeded "
-            "10% of train_val patients.</p>"
+            f"{float(ds['sources'].get('val_fraction', 'nan')):.0%} of train_val patients "
+            f"(split seed {_esc(ds['sources'].get('seed', '?'))}).</p>"
             f"<table><tr><th>positives</th>{head}</tr>{rows}</table></div>")
 
 
@@ -160,9 +161,11 @@ def _auc_table_section(protocols: dict[str, dict], published: dict[str, dict]) -
         best = max(finite) if finite else None
         cells = "".join(f"<td class='{'best' if v is not None and v == best else ''}'>"
                         f"{_fmt(v)}</td>" for v in vals)
-        cells += "".join(f"<td class=pub>{_fmt(published[p].get('per_class', {}).get(cls))}</td>"
-                         for p in published)
+        cells += "".join(f"<td class=pub>{_fmt(published[p].get('per_class', {}).get(cls))}"
+                         "</td>" for p in published)
         rows.append(f"<tr><td>{_esc(cls)}</td>{cells}</tr>")
+    levels = {p.get("ci_level") for p in protocols.values() if p.get("ci")}
+    level = f"{levels.pop():.0%}" if len(levels) == 1 else "see each protocol's JSON for the"
     means = "".join(
         f"<td><b>{_fmt(protocols[n]['mean'])}</b>"
         + (f"<br><span class=sub>[{_fmt(protocols[n]['ci'][0])}, {_fmt(protocols[n]['ci'][1])}]"
@@ -173,10 +176,13 @@ def _auc_table_section(protocols: dict[str, dict], published: dict[str, dict]) -
                     for n in names)
     return (f"<h2>Per-class test AUC beside the paper's Table 1</h2><div class=card>"
             f"<table><tr><th>class</th>{head}</tr>{''.join(rows)}<tr><td><b>mean</b>"
-            f"<br><span class=sub>bootstrap 95% CI, by patient</span></td>{means}</tr></table>"
+            f"<br><span class=sub>bootstrap {level} CI, by patient</span></td>{means}</tr>"
+            "</table>"
             f"<ul class=note>{notes}</ul><p class=note>Published columns are the figures "
-            "printed in the paper (NIH ChestX-ray14, real images); ours are from this run's "
-            "data. Undefined AUCs (a class without positives) show as —.</p></div>")
+            "printed in the paper (NIH ChestX-ray14, real images), means only: its per-class "
+            "values could not be obtained and are not retyped from memory. Ours are from this "
+            "run's data. Undefined AUCs (a class without positives) show as —. Bold: the "
+            "highest of our columns in a row (descriptive, not a selection).</p></div>")
 
 
 def _fewshot_section(fewshot: dict | None) -> str:
@@ -198,8 +204,10 @@ def _fewshot_section(fewshot: dict | None) -> str:
         ax.fill_between(shots, mean - std, mean + std, alpha=0.2)
     all_shots = sorted({s for c in trained.values() for s in c["shots"]}) or [1]
     for head, curve in free.items():  # training-free: one value, drawn across
+        label = ("adapted head (full supervision)" if head == "adapted"
+                 else f"{head} (0-shot)")
         ax.hlines(curve["mean"][0], all_shots[0], all_shots[-1], linestyles=":",
-                  colors="#805ad5", label=f"{head} (0-shot)")
+                  colors="#805ad5", label=label)
     if fewshot.get("paper"):
         ps, pv = zip(*sorted((int(k), v) for k, v in fewshot["paper"].items() if int(k) > 0))
         ax.plot(ps, pv, "k--", lw=1, label="paper (published)")

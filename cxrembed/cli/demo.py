@@ -21,7 +21,7 @@ def demo(
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip tag, local weights file, or none.")] = "none",
     images: Annotated[int, typer.Option("--images", help="Synthetic twin size.")] = 2000,
-    epochs: Annotated[int, typer.Option("--epochs", help="Adaptation epochs.")] = 6,
+    epochs: Annotated[int, typer.Option("--epochs", help="Adaptation epochs.")] = 10,
     seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count.")] = 10,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,

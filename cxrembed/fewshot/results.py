@@ -158,7 +158,9 @@ def plot_fewshot(summary: list[dict[str, Any]], path: str | os.PathLike) -> Path
         color = f"C{i}"
         m = [r["mean_auc"] for r in rows]
         if rows[0]["shots"] == 0 and len(rows) == 1:
-            ax.axhline(m[0]["mean"], color=color, linestyle="--", label=f"{head} (0-shot)")
+            label = ("adapted head (full supervision)" if head == "adapted"
+                     else f"{head} (0-shot)")
+            ax.axhline(m[0]["mean"], color=color, linestyle="--", label=label)
             continue
         x = np.array([r["shots"] for r in rows])
         mean = np.array([v["mean"] for v in m], dtype=float)
