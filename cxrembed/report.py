@@ -254,8 +254,10 @@ def _roc_section(roc: dict | None) -> str:
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title=f"ROC on test: {roc['protocol']}")
     ax.legend(fontsize=7, loc="lower right", ncol=2)
-    return (f"<h2>ROC curves of the best protocol</h2><div class=card><img class=fig "
-            f"src='{_png(fig)}' alt='ROC curves'></div>")
+    return (f"<h2>ROC curves: {_esc(roc['protocol'])}</h2><div class=card><img class=fig "
+            f"src='{_png(fig)}' alt='ROC curves'><p class=note>The protocol drawn here is fixed "
+            "before scoring (the paper's headline model), not the one that happened to score "
+            "highest on test: picking by test AUC would bias the picture upward.</p></div>")
 
 
 def _search_section(searches: list[dict], thumbs: dict[str, str]) -> str:
