@@ -130,3 +130,13 @@ def test_unreadable_image_stops_with_its_name_and_keeps_what_was_written(twin, t
     with pytest.raises(DataError, match=os.path.basename(bad)):
         build_pixel_cache(ds, tmp_path / "px.h5", workers=0, progress=False)
     assert _pixels(tmp_path / "px.h5")[1].sum() == 80
+
+
+def test_cache_of_other_preprocessing_is_refused(twin, tmp_path):
+    ds = load_nih(twin)
+    path = build_pixel_cache(ds.subset(np.arange(10)), tmp_path / "px.h5", workers=0,
+                             progress=False)
+    with h5py.File(path, "a") as f:
+        f.attrs["preprocessing"] = '{"decode": "something else"}'
+    with pytest.raises(DataError, match="other preprocessing"):
+        PixelCache(path)

@@ -167,6 +167,10 @@ class PixelCache:
         if not self._file.attrs.get("complete", False):
             raise DataError(f"pixel cache {self.path} is incomplete; finish it by running the "
                             "same `cxrembed cache` command again (it resumes)")
+        stored = self._file.attrs.get("preprocessing")
+        if stored is not None and json.loads(stored) != PREPROCESSING:
+            raise DataError(f"pixel cache {self.path} was decoded with other preprocessing "
+                            f"({stored}); rebuild it with `cxrembed cache ... --overwrite`")
         self.image_id = self._file["image_id"].asstr()[:]
         self.size = int(self._file.attrs["size"])
         self._pixels = self._file["pixels"]
