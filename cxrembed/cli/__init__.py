@@ -8,6 +8,7 @@ prints.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import typer
 
@@ -32,6 +33,13 @@ def _root(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # A warning is a message for the person at the terminal, not a source location.
+        where = f" ({filename}:{lineno})" if verbose else ""
+        console.print(f"[yellow]warning:[/] {message}{where}", highlight=False, soft_wrap=True)
+
+    warnings.showwarning = show
 
 
 # Command modules register themselves on `app` when imported.
