@@ -40,7 +40,8 @@ def encode(
     index: Annotated[str, typer.Option(
         "--index", help="FAISS index to build at the end: flat (exact), ivf, hnsw or none.")] = "flat",
     workers: Annotated[int, typer.Option("--workers", help="Threads reading ahead of the model.")] = 2,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[Optional[str], typer.Option(
+        "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")] = None,
     trust_pickle: Annotated[bool, typer.Option(
         "--trust-pickle", help="Allow weights files that need pickle (only files you trust).")] = False,
     csv: CsvOpt = None,
@@ -62,6 +63,10 @@ def encode(
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
                            allow_missing)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = load_encoder(model, pretrained, checkpoint=checkpoint, device=device,
                            trust_pickle=trust_pickle)
     result = encode_dataset(dataset, out, encoder, pixel_cache=cache, batch_size=batch_size,
