@@ -4,8 +4,8 @@ Published figures available here are the **mean** NIH ChestX-ray14 AUCs of the p
 Table 1 (CheXzero, ImCLIP, CXR-CLIP, MoCoCLIP, the paper) and its few-shot means. The
 per-class columns of Table 1 are **not included**: the paper's text could not be read from
 this machine (no internet; the stored copies searched held only its abstract), and numbers
-are never typed in from memory. Their cells read "n/a"; fill :data:`PUBLISHED_PER_CLASS`
-from the paper to show them.
+are never typed in from memory. Their cells read "n/a" unless a table is given:
+``cxrembed compare ... --published table1.csv`` (see :func:`load_published_table`).
 
 How the paper's figures were obtained (from its text and public notebooks) and why ours
 differ in kind, not only in value:
@@ -47,6 +47,51 @@ PUBLISHED_PER_CLASS: dict[str, dict[str, float]] = {}
 PER_CLASS_NOTE = ("published per-class values are not included: the paper's Table 1 could "
                   "not be read on this machine (only its abstract was found) and numbers are "
                   "never typed in from memory; only the published means are shown")
+
+
+def load_published_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Per-class published AUCs from a CSV: a ``class`` column (any spelling of the 14
+    classes), then one column per method named as in :data:`PUBLISHED_MEAN` (``paper``
+    for the paper itself). Empty cells are allowed; anything else wrong is named."""
+    from cxrembed.labels import canonical
+
+    path = Path(path)
+    aliases = {m.lower(): m for m in PUBLISHED_MEAN} | {"paper": PAPER}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise DataError(f"cannot read published table {path}: {exc}") from None
+    if not rows or "class" not in rows[0]:
+        raise DataError(f"{path} needs a header 'class,<method>,...' and one row per class")
+    methods = {}
+    for column in rows[0]:
+        if column != "class":
+            if column.strip().lower() not in aliases:
+                raise DataError(f"{path}: unknown method column {column!r}; expected some of "
+                                f"{', '.join(PUBLISHED_MEAN)} (or 'paper')")
+            methods[column] = aliases[column.strip().lower()]
+    table: dict[str, dict[str, float]] = {m: {} for m in methods.values()}
+    for line, row in enumerate(rows, start=2):
+        try:
+            name = canonical(row["class"])
+        except DataError as exc:
+            raise DataError(f"{path}, row {line}: {exc}") from None
+        for column, method in methods.items():
+            cell = (row[column] or "").strip()
+            if not cell:
+                continue
+            try:
+                value = float(cell)
+            except ValueError:
+                value = float("nan")
+            if not 0.0 <= value <= 1.0:
+                raise DataError(f"{path}, row {line}, column {column!r}: {cell!r} is not an "
+                                "AUC in [0, 1]")
+            table[method][name] = value
+    return table
+
+
 #: The paper's few-shot mean AUC by shots per class (one draw, one seed); 0 shots is its
 #: adapted head, not text zero-shot.
 PUBLISHED_FEWSHOT: dict[int, float] = {0: 0.7502, 1: 0.7502, 2: 0.7513, 4: 0.7511,
@@ -74,6 +119,8 @@ class Comparison:
     ours: list[Column]
     fewshot: dict[str, dict[int, dict[str, float | None]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: per-class published values ({method: {class: auc}}), when a table was given
+    published: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def table1(self) -> list[dict[str, Any]]:
         """Rows (the 14 classes, then ``Mean``): published columns, then ours."""
@@ -84,7 +131,7 @@ class Comparison:
                 if name == "Mean":
                     row[f"{method} (published)"] = mean
                 else:
-                    row[f"{method} (published)"] = PUBLISHED_PER_CLASS.get(method, {}).get(name)
+                    row[f"{method} (published)"] = self.published.get(method, {}).get(name)
             for col in self.ours:
                 row[col.name] = col.mean if name == "Mean" else col.per_class.get(name)
             rows.append(row)
@@ -104,7 +151,7 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         return {"format": "cxrembed.compare", "paper": PAPER_TITLE,
                 "published_mean": PUBLISHED_MEAN, "published_fewshot": PUBLISHED_FEWSHOT,
-                "published_per_class_included": bool(PUBLISHED_PER_CLASS),
+                "published_per_class_included": bool(self.published),
                 "notes": self.notes, "table1": self.table1(),
                 "fewshot": self.fewshot_table(),
                 "ours": [{"name": c.name, "source": c.source, "mean": c.mean, "std": c.std,
@@ -159,8 +206,11 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
-                    out: str | os.PathLike | None = None) -> Comparison:
+                    out: str | os.PathLike | None = None,
+                    published: str | os.PathLike | dict[str, dict[str, float]] | None = None
+                    ) -> Comparison:
     """Build the comparison from saved results (paths) or result dicts; save it to ``out``.
+    ``published``: per-class published values (a CSV for :func:`load_published_table`).
 
     Few-shot results contribute their training-free rows (zeroshot, adapted-head), each
     trained head at its largest shot count to Table 1, and every head to the few-shot table.
@@ -169,8 +219,11 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
         raise DataError("nothing to compare: pass at least one result")
     ours: list[Column] = []
     fewshot: dict[str, dict[int, dict[str, float | None]]] = {}
-    notes = [PER_CLASS_NOTE,
-             "paper's 0-shot 0.7502 is its adapted supervised head, not text zero-shot",
+    if published is not None and not isinstance(published, dict):
+        published = load_published_table(published)
+    published = published or PUBLISHED_PER_CLASS
+    notes = [] if published else [PER_CLASS_NOTE]
+    notes += ["paper's 0-shot 0.7502 is its adapted supervised head, not text zero-shot",
              "paper's few-shot figures: one draw, one seed; ours: mean +- std over seeds, "
              "95% patient-bootstrap intervals"]
     for item in results:
@@ -200,7 +253,7 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
             source = Path(col.source)
             tag = source.parent.name if source.name == "fewshot.json" else source.stem
             col.name = f"{col.name} [{tag or seen[col.name]}]"
-    comparison = Comparison(ours, fewshot, notes)
+    comparison = Comparison(ours, fewshot, notes, dict(published))
     if out is not None:
         comparison.save(out)
     return comparison

@@ -310,3 +310,30 @@ def test_compare_refuses_what_is_not_a_result(tmp_path):
         compare_results([tmp_path / "other.json"])
     with pytest.raises(DataError, match="no result at"):
         compare_results([tmp_path / "missing"])
+
+
+def test_compare_takes_a_published_per_class_table(tmp_path):
+    from cxrembed.compare import compare_results, load_published_table
+    from cxrembed.errors import DataError
+
+    result = {"format": "cxrembed.eval", "protocol": "zeroshot", "mean_auc": 0.6,
+              "auc": {c: 0.6 for c in LABELS}}
+    table = tmp_path / "table1.csv"
+    # Made-up values: the test checks the plumbing, not the paper.
+    table.write_text("class,CheXzero,paper\nAtelectasis,0.61,0.72\nPleural_Thickening,,0.70\n")
+    comparison = compare_results([result], published=table)
+    rows = {r["class"]: r for r in comparison.table1()}
+    assert rows["Atelectasis"]["CheXzero (published)"] == 0.61
+    assert rows["Atelectasis"]["Dalsania 2025 (published)"] == 0.72
+    assert rows["Pleural Thickening"]["CheXzero (published)"] is None  # empty cell
+    assert rows["Edema"]["Dalsania 2025 (published)"] is None  # absent row
+    assert comparison.to_dict()["published_per_class_included"]
+    table.write_text("class,NewMethod\nAtelectasis,0.6\n")
+    with pytest.raises(DataError, match="unknown method column 'NewMethod'"):
+        load_published_table(table)
+    table.write_text("class,CheXzero\nAtelectasis,1.7\n")
+    with pytest.raises(DataError, match=r"row 2, column 'CheXzero': '1.7'"):
+        load_published_table(table)
+    table.write_text("class,CheXzero\nCovid,0.6\n")
+    with pytest.raises(DataError, match="row 2.*'Covid'"):
+        load_published_table(table)

@@ -184,14 +184,17 @@ def compare(
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="Folder for comparison JSON/CSV (default: beside the first result)."
     )] = None,
+    published: Annotated[Optional[Path], typer.Option(
+        "--published", help="CSV of the published per-class AUCs (class, CheXzero, ImCLIP, "
+        "CXR-CLIP, MoCoCLIP, paper); without it only the published means are shown.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Our protocols beside the paper's Table 1 and few-shot table."""
-    from cxrembed.compare import PER_CLASS_NOTE, compare_results
+    from cxrembed.compare import compare_results
 
     first = results[0]
     out = out or (first if first.is_dir() else first.parent)
-    comparison = compare_results(results, out=out)
+    comparison = compare_results(results, out=out, published=published)
     if json_out:
         print_json(comparison.to_dict())
         return
@@ -205,7 +208,8 @@ def compare(
         table.add_row(row["class"], *[_f(v, 3) for k, v in row.items() if k != "class"])
     console.print(table)
     console.print(f"[dim]{LEGEND}[/]")
-    console.print(f"[yellow]note:[/] {PER_CLASS_NOTE}")
+    if not comparison.published:  # the first note says why per-class cells read n/a
+        console.print(f"[yellow]note:[/] {comparison.notes[0]}")
     few = comparison.fewshot_table()
     table = Table(title="Few-shot mean AUC (* paper: one draw, one seed; ours: mean +- std "
                         "over seeds)", box=box.SIMPLE_HEAD, padding=(0, 1))
