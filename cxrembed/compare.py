@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxrembed.errors import DataError
+from cxrembed.fewshot.results import load_result
 from cxrembed.labels import LABELS
 
 PAPER = "Dalsania 2025"
@@ -188,23 +189,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        path = path / "fewshot.json"
-    try:
-        obj = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"no result at {path}: pass a `cxrembed fewshot --out` folder, its "
-                        "fewshot.json, or a JSON written by `zeroshot`/`evaluate --out`") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not JSON: {exc}") from None
-    if obj.get("format") not in ("cxrembed.fewshot", "cxrembed.eval"):
-        raise DataError(f"{path} is not a cxrembed result (format {obj.get('format')!r}); "
-                        "expected a few-shot or evaluation result")
-    obj["_path"] = str(path)
-    return obj
-
-
 def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
                     out: str | os.PathLike | None = None,
                     published: str | os.PathLike | dict[str, dict[str, float]] | None = None
@@ -227,7 +211,8 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
              "paper's few-shot figures: one draw, one seed; ours: mean +- std over seeds, "
              "95% patient-bootstrap intervals"]
     for item in results:
-        obj = item if isinstance(item, dict) else _read(Path(item))
+        obj = item if isinstance(item, dict) else load_result(
+            item, formats=("cxrembed.fewshot", "cxrembed.eval"))
         source = obj.get("_path", "")
         if obj.get("format") == "cxrembed.eval":
             ci = obj.get("ci", {}).get("mean_auc")

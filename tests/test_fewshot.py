@@ -306,7 +306,7 @@ def test_compare_refuses_what_is_not_a_result(tmp_path):
     from cxrembed.errors import DataError
 
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
-    with pytest.raises(DataError, match="not a cxrembed result"):
+    with pytest.raises(DataError, match="not a cxrembed result of the kind expected"):
         compare_results([tmp_path / "other.json"])
     with pytest.raises(DataError, match="no result at"):
         compare_results([tmp_path / "missing"])

@@ -92,18 +92,27 @@ def to_jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def load_result(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a saved sweep (a fewshot.json or the folder holding it) as a dict."""
+def load_result(path: str | os.PathLike, formats: tuple[str, ...] = (RESULT_FORMAT,)
+                ) -> dict[str, Any]:
+    """Read a saved result as a dict: a sweep (its fewshot.json or the folder holding it),
+    or, when ``formats`` allows, a ``zeroshot``/``evaluate --out`` JSON. The dict gets
+    ``_path``, where it was read from."""
     path = Path(path)
     if path.is_dir():
         path = path / "fewshot.json"
     try:
         obj = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"no few-shot result at {path}; run `cxrembed fewshot STORE --out "
-                        "DIR` first") from None
-    if obj.get("format") != RESULT_FORMAT:
-        raise DataError(f"{path} is not a cxrembed few-shot result")
+        raise DataError(f"no result at {path}: pass a `cxrembed fewshot --out` folder or its "
+                        "fewshot.json" + (", or a JSON written by `zeroshot`/`evaluate --out`"
+                                          if len(formats) > 1 else "")) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("format") not in formats:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path} is not a cxrembed result of the kind expected (format "
+                        f"{found!r}; expected {' or '.join(formats)})")
+    obj["_path"] = str(path)
     return obj
 
 
