@@ -111,12 +111,9 @@ class AdaptConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AdaptConfig":
         """Build from a mapping; unknown keys raise ConfigError naming the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown adapt option(s) {', '.join(unknown)}; valid: "
-                              f"{', '.join(names)}")
-        config = cls(**values)
+        from cxrembed.config import from_mapping
+
+        config = from_mapping(cls, values, "adapt")
         config.validate()
         return config
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +66,6 @@ class FewShotConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "FewShotConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown few-shot option(s) {', '.join(unknown)}; valid: "
-                              f"{', '.join(sorted(names))}")
-        return cls(**values)
+        from cxrembed.config import from_mapping
+
+        return from_mapping(cls, values, "few-shot")

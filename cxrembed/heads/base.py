@@ -15,7 +15,6 @@ geometry) or ``"raw"`` (the encoder's output, what the adapted head was trained 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import warnings
 from collections.abc import Iterator
@@ -83,12 +82,9 @@ def make_head(name: str, **options: Any) -> Head:
 
 def build_config(config_cls: type, options: dict[str, Any], head: str) -> Any:
     """A head's config dataclass from ``options``, refusing unknown keys by name."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ConfigError(f"head {head!r} has no option {', '.join(map(repr, unknown))}; "
-                          f"its options are: {', '.join(sorted(fields))}")
-    return config_cls(**options)
+    from cxrembed.config import from_mapping
+
+    return from_mapping(config_cls, options, f"{head} head")
 
 
 def check_xy(X: Any, Y: Any | None = None, what: str = "X") -> tuple[np.ndarray, np.ndarray | None]:
