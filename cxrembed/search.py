@@ -325,7 +325,7 @@ def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
     for hit in hits:
         labels = ", ".join(hit.labels) or "No Finding"
         panels.append((_image_for(store, hit.row, root),
-                       f"#{hit.rank}  sim {hit.similarity:.3f}",
+                       f"#{hit.rank}  sim {hit.similarity:.4f}",
                        f"{hit.image_id}\n{labels}"))
     cols = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // cols)
