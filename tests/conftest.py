@@ -24,3 +24,15 @@ def shared_nih() -> Path:
     if not (SHARED_NIH / "Data_Entry_2017_v2020.csv.gz").is_file():
         pytest.skip("../shared/nih is absent (a fresh clone has no real NIH files)")
     return SHARED_NIH
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a module of training tests (restored after): on two
+    shared cores, extra threads only add oversubscription stalls."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,13 +20,7 @@ from cxrembed.model import (AdaptedCLIP, MLPHead, build_clip, count_trainable, c
 PAPER_TRAINABLE = 22_057_486
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two shared cores: one intra-op thread avoids oversubscription stalls (10x here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _activation(clip: nn.Module) -> type:
