@@ -48,7 +48,6 @@ class _Stacked:
     """Members' parameters stacked on a leading axis; the head's layers run functionally."""
 
     def __init__(self, modules: list[Any]) -> None:
-        import torch
         from torch import nn
 
         first = modules[0]
@@ -236,7 +235,7 @@ class _Trainer:
         orders = {i: torch.randperm(len(self.members[i][0]), generator=self.generators[i])
                   for i in active}
         steps = max(math.ceil(len(orders[i]) / size) for i in active)
-        n, dim = len(self.members), self.members[0][0].shape[1]
+        dim = self.members[0][0].shape[1]
         classes = self.members[0][1].shape[1]
         for step in range(steps):
             rows = {i: orders[i][step * size:(step + 1) * size] for i in active}
