@@ -2,8 +2,8 @@
 
 Every image goes through two stages:
 
-1. :func:`decode` reads a PNG (mode L, RGB, RGBA, 8 or 16 bit) into a ``size``×``size``
-   uint8 grayscale array: the shorter side resized to ``size`` with area averaging
+1. :func:`decode` reads a PNG (mode L, RGB, RGBA, 8 or 16 bit), a JPEG or a DICOM
+   (:mod:`cxrembed.data.dicom`) into a ``size``×``size`` uint8 grayscale array: the shorter side resized to ``size`` with area averaging
    (no aliasing), then centre-cropped, as CLIP's own preprocessing does. This is what the
    pixel cache stores.
 2. :mod:`cxrembed.data.transforms` turns a batch of such arrays into normalised float
@@ -48,8 +48,49 @@ def _resize_crop(gray: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(gray[top:top + size, left:left + size])
 
 
-def _to_uint8_gray(img: np.ndarray) -> np.ndarray:
-    """Any decoded array (H×W, H×W×3, H×W×4; uint8 or uint16) to H×W uint8 gray."""
+def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low .. high`` linearly onto 0..255 (rounded, clipped): the one rule PNG and
+    DICOM decoding share, so the same picture decodes to the same pixels."""
+    span = max(float(high) - float(low), 1e-12)
+    out = (np.asarray(values, dtype=np.float64) - float(low)) * (255.0 / span) + 0.5
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def png_significant_bits(buf: bytes | np.ndarray) -> int | None:
+    """The PNG's sBIT chunk (significant bits of its grey or colour samples), or None.
+
+    A 12-bit radiograph saved in a 16-bit PNG says so here (sBIT = 12)."""
+    data = bytes(buf[:1 << 16]) if isinstance(buf, np.ndarray) else bytes(buf[:1 << 16])
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        if kind == b"sBIT":
+            bits = data[pos + 8:pos + 8 + length]
+            return max(bits[:3]) if bits else None  # grey, or R/G/B (alpha left out)
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
+
+
+def bits_in_use(img: np.ndarray, significant: int | None) -> int:
+    """Bits a 16-bit image really uses: the PNG's sBIT when it has one; otherwise the
+    smallest common detector depth (10, 12, 14 or 16 bits) that holds its largest value.
+
+    Without this, a 12-bit image stored in 16 bits (max 4095) decodes almost black."""
+    if significant is not None and 1 <= significant <= 16:
+        return int(significant)
+    peak = int(img.max()) if img.size else 0
+    return next(b for b in (10, 12, 14, 16) if peak < 2 ** b)
+
+
+def _to_uint8_gray(img: np.ndarray, significant: int | None = None) -> np.ndarray:
+    """Any decoded array (H×W, H×W×3, H×W×4; uint8 or uint16) to H×W uint8 gray.
+
+    16-bit samples are scaled from the bits in use (:func:`bits_in_use`) to 0..255."""
     import cv2
 
     if img.ndim == 3:
@@ -60,21 +101,26 @@ def _to_uint8_gray(img: np.ndarray) -> np.ndarray:
         else:
             img = img[..., 0]
     if img.dtype == np.uint16:
-        # Use the whole 16-bit range: scaling by 1/257 maps 65535 to 255 exactly.
-        img = (img.astype(np.float32) / 257.0 + 0.5).astype(np.uint8)
+        img = scale_to_uint8(img, 0.0, float(2 ** bits_in_use(img, significant) - 1))
     elif img.dtype != np.uint8:
         raise DataError(f"unsupported pixel type {img.dtype}")
     return img
 
 
 def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") -> np.ndarray:
-    """Read one image file into a ``size``×``size`` uint8 grayscale array.
+    """Read one image file (PNG, JPEG, DICOM) into a ``size``×``size`` uint8 grey array.
 
     ``opencv`` is the fast default (measured in ``benchmarks/bench_decode.py``); ``pil``
     is the reference. Both give the same geometry; pixel values agree to within 1-2
     grey levels (different area-resize rounding).
     """
     path = str(path)
+    if decoder not in DECODERS:
+        raise DataError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
+    from cxrembed.data.dicom import is_dicom, read_dicom
+
+    if is_dicom(path):
+        return _resize_crop(read_dicom(path).gray, size)
     if decoder == "opencv":
         import cv2
 
@@ -85,8 +131,8 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
         if img is None:
             raise DataError(f"cannot decode image {path}: not an image, or truncated; "
                             "re-download it or drop it from the lists")
-        gray = _to_uint8_gray(img)
-    elif decoder == "pil":
+        gray = _to_uint8_gray(img, png_significant_bits(buf))
+    else:
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -94,7 +140,8 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
                 im.load()
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im).astype(np.uint16)
-                    gray = _to_uint8_gray(arr)
+                    with open(path, "rb") as f:
+                        gray = _to_uint8_gray(arr, png_significant_bits(f.read(1 << 16)))
                 else:
                     gray = np.asarray(im.convert("L"))
         except FileNotFoundError:
@@ -102,6 +149,4 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(f"cannot decode image {path}: {exc}; re-download it or drop it "
                             "from the lists") from None
-    else:
-        raise DataError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
     return _resize_crop(gray, size)
