@@ -1,14 +1,17 @@
-"""Our results side by side with the paper's published figures (its Table 1 and few-shot table).
+"""Our results side by side with the paper's published figures (its Table 1 and Table 2).
 
-Published figures available here are the **mean** NIH ChestX-ray14 AUCs of the paper's
-Table 1 (CheXzero, ImCLIP, CXR-CLIP, MoCoCLIP, the paper) and its few-shot means. The
-per-class columns of Table 1 are **not included**: the paper's text could not be read from
-this machine (no internet; the stored copies searched held only its abstract), and numbers
-are never typed in from memory. Their cells read "n/a" unless a table is given:
-``cxrembed compare ... --published table1.csv`` (see :func:`load_published_table`).
+The published figures live in :mod:`cxrembed.published` and are read through this module
+(the CLI, the demo and the report do): Table 1 per class and its means for CheXzero,
+ImCLIP, CXR-CLIP, MoCoCLIP and the paper, shipped as package data, and the paper's
+few-shot means.
 
-How the paper's figures were obtained (from its text and public notebooks) and why ours
-differ in kind, not only in value:
+Every column is a :class:`Column` with fields (method, shots, encoder, tag, published), so
+a caller lays it out without parsing names. Our columns are labelled by the encoder whose
+store they were scored on (``E1``, ``E2`` ..., see :attr:`Comparison.encoders`); results
+scored on different test sets (split, size, hash of the image ids) are refused unless
+``allow_mixed`` is given, and then every column names its set.
+
+How the paper's figures were obtained and why ours differ in kind, not only in value:
 
 * its "zero-shot" 0.7502 is the adapted model's supervised head on the test set (no text
   prompt): our ``adapted-head`` column is that protocol, ``zeroshot`` is real text
@@ -22,141 +25,142 @@ differ in kind, not only in value:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from cxrembed.errors import DataError
 from cxrembed.fewshot.results import load_result
 from cxrembed.labels import LABELS
+from cxrembed.published import (METHODS, PAPER, PAPER_TITLE, PUBLISHED_FEWSHOT,
+                                PUBLISHED_MEAN, TABLE1_SOURCE, load_published_table,
+                                published_per_class)
 
-PAPER = "Dalsania 2025"
-PAPER_TITLE = "Label-Efficient Chest X-ray Diagnosis via Partial CLIP Adaptation (arXiv 2507.07254)"
+__all__ = ["METHODS", "PAPER", "PAPER_TITLE", "PUBLISHED_FEWSHOT", "PUBLISHED_MEAN",
+           "Column", "Comparison", "EncoderRef", "FewShotSeries", "compare_results",
+           "load_published_table", "published_per_class", "DESCRIPTIONS"]
 
-#: Table 1, mean AUC on NIH ChestX-ray14, as published.
-PUBLISHED_MEAN: dict[str, float] = {
-    "CheXzero": 0.706,
-    "ImCLIP": 0.564,
-    "CXR-CLIP": 0.719,
-    "MoCoCLIP": 0.749,
-    PAPER: 0.750,
+log = logging.getLogger(__name__)
+
+#: What each of our protocols is (the report lists these under its table).
+DESCRIPTIONS: dict[str, str] = {
+    "zeroshot": "text zero-shot: CheXzero-style softmax over a positive and a negative "
+                "prompt per class, on the column's encoder",
+    "adapted-head": "the adapted model's own supervised head (no text prompt): the protocol "
+                    "behind the paper's 'zero-shot' 0.7502",
+    "mlp": "MLP head trained on K shots per class from train (mean over draws)",
+    "linear": "logistic regression per class on K shots from train (mean over draws)",
+    "knn": "k-nearest-neighbour vote among K shots per class (mean over draws)",
+    "tip": "Tip-Adapter: prompt logits plus a cache of K shots (mean over draws)",
 }
-#: Table 1 per class: not available here (see the module docstring); {method: {class: auc}}.
-PUBLISHED_PER_CLASS: dict[str, dict[str, float]] = {}
-PER_CLASS_NOTE = ("published per-class values are not included: the paper's Table 1 could "
-                  "not be read on this machine (only its abstract was found) and numbers are "
-                  "never typed in from memory; only the published means are shown")
+_METHOD = {"zeroshot": "zeroshot", "adapted": "adapted-head", "adapted-head": "adapted-head"}
 
 
-def load_published_table(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Per-class published AUCs from a CSV: a ``class`` column (any spelling of the 14
-    classes), then one column per method named as in :data:`PUBLISHED_MEAN` (``paper``
-    for the paper itself). Empty cells are allowed; anything else wrong is named."""
-    from cxrembed.labels import canonical
+@dataclass
+class EncoderRef:
+    """An encoder our columns were scored with: ``E1``... and what it is."""
 
-    path = Path(path)
-    aliases = {m.lower(): m for m in PUBLISHED_MEAN} | {"paper": PAPER}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise DataError(f"cannot read published table {path}: {exc}") from None
-    if not rows or "class" not in rows[0]:
-        raise DataError(f"{path} needs a header 'class,<method>,...' and one row per class")
-    methods = {}
-    for column in rows[0]:
-        if column != "class":
-            if column.strip().lower() not in aliases:
-                raise DataError(f"{path}: unknown method column {column!r}; expected some of "
-                                f"{', '.join(PUBLISHED_MEAN)} (or 'paper')")
-            methods[column] = aliases[column.strip().lower()]
-    table: dict[str, dict[str, float]] = {m: {} for m in methods.values()}
-    for line, row in enumerate(rows, start=2):
-        try:
-            name = canonical(row["class"])
-        except DataError as exc:
-            raise DataError(f"{path}, row {line}: {exc}") from None
-        for column, method in methods.items():
-            cell = (row[column] or "").strip()
-            if not cell:
-                continue
-            try:
-                value = float(cell)
-            except ValueError:
-                value = float("nan")
-            if not 0.0 <= value <= 1.0:
-                raise DataError(f"{path}, row {line}, column {column!r}: {cell!r} is not an "
-                                "AUC in [0, 1]")
-            table[method][name] = value
-    return table
-
-
-#: The paper's few-shot mean AUC by shots per class (one draw, one seed); 0 shots is its
-#: adapted head, not text zero-shot.
-PUBLISHED_FEWSHOT: dict[int, float] = {0: 0.7502, 1: 0.7502, 2: 0.7513, 4: 0.7511,
-                                       8: 0.7527, 16: 0.7542}
-
-_OURS_NAME = {"zeroshot": "zeroshot", "adapted": "adapted-head", "adapted-head": "adapted-head"}
+    id: str
+    label: str
+    fingerprint_sha256: str | None
+    stores: list[str] = field(default_factory=list)
 
 
 @dataclass
 class Column:
-    """One of our protocols: per-class AUC (mean over seeds where there are seeds)."""
+    """One column of Table 1: a published method, or one of our protocols."""
 
-    name: str
+    method: str  # a published method ("CheXzero") or ours ("zeroshot", "linear" ...)
     per_class: dict[str, float | None]
     mean: float | None
+    shots: int | None = None  # few-shot heads: shots per class; else None
+    encoder: str | None = None  # EncoderRef.id (ours only)
+    tag: str | None = None  # tells apart two results of the same method and encoder
+    published: bool = False
     std: float | None = None
     ci: tuple[float | None, float | None] | None = None
     source: str = ""
+    eval_set: dict[str, Any] | None = None
+    eval_set_id: str | None = None  # "T1"... only when sets are mixed (allow_mixed)
+
+    @property
+    def name(self) -> str:
+        """The column's full name (CSV header, JSON key)."""
+        if self.published:
+            return f"{self.method} (published)"
+        text = self.method + (f" {self.shots}-shot" if self.shots else "")
+        labels = [x for x in (self.encoder, self.eval_set_id) if x]
+        text += f" [{', '.join(labels)}]" if labels else ""
+        return text + (f" ({self.tag})" if self.tag else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class FewShotSeries:
+    """One head of one few-shot result: its mean AUC cell per shot count."""
+
+    method: str
+    cells: dict[int, dict[str, float | None]]
+    encoder: str | None = None
+    tag: str | None = None
+    eval_set_id: str | None = None
+    source: str = ""
+    eval_set: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        labels = [x for x in (self.encoder, self.eval_set_id) if x]
+        return (self.method + (f" [{', '.join(labels)}]" if labels else "")
+                + (f" ({self.tag})" if self.tag else ""))
 
 
 @dataclass
 class Comparison:
-    """Table 1 layout (classes x methods) and the few-shot table (shots x methods)."""
+    """Table 1 layout (classes x columns) and the few-shot table (shots x series)."""
 
+    published: list[Column]
     ours: list[Column]
-    fewshot: dict[str, dict[int, dict[str, float | None]]] = field(default_factory=dict)
+    fewshot: list[FewShotSeries] = field(default_factory=list)
+    encoders: list[EncoderRef] = field(default_factory=list)
+    eval_sets: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    #: per-class published values ({method: {class: auc}}), when a table was given
-    published: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: what makes the table questionable (mixed test sets, missing set records)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def columns(self) -> list[Column]:
+        return self.published + self.ours
 
     def table1(self) -> list[dict[str, Any]]:
         """Rows (the 14 classes, then ``Mean``): published columns, then ours."""
         rows = []
         for name in list(LABELS) + ["Mean"]:
             row: dict[str, Any] = {"class": name}
-            for method, mean in PUBLISHED_MEAN.items():
-                if name == "Mean":
-                    row[f"{method} (published)"] = mean
-                else:
-                    row[f"{method} (published)"] = self.published.get(method, {}).get(name)
-            for col in self.ours:
+            for col in self.columns:
                 row[col.name] = col.mean if name == "Mean" else col.per_class.get(name)
             rows.append(row)
         return rows
 
     def fewshot_table(self) -> list[dict[str, Any]]:
-        """Rows by shots: the paper's mean, then each of our heads (mean, std, CI)."""
-        shots = sorted(set(PUBLISHED_FEWSHOT) | {k for h in self.fewshot.values() for k in h})
-        rows = []
-        for k in shots:
-            row: dict[str, Any] = {"shots": k, f"{PAPER} (published)": PUBLISHED_FEWSHOT.get(k)}
-            for head, cells in self.fewshot.items():
-                row[head] = cells.get(k)
-            rows.append(row)
-        return rows
+        """Rows by shots: the paper's mean, then each of our series (mean, std, CI)."""
+        shots = sorted(set(PUBLISHED_FEWSHOT) | {k for s in self.fewshot for k in s.cells})
+        return [{"shots": k, f"{PAPER} (published)": PUBLISHED_FEWSHOT.get(k),
+                 **{s.name: s.cells.get(k) for s in self.fewshot}} for k in shots]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": "cxrembed.compare", "paper": PAPER_TITLE,
+        return {"format": "cxrembed.compare", "format_version": 2, "paper": PAPER_TITLE,
                 "published_mean": PUBLISHED_MEAN, "published_fewshot": PUBLISHED_FEWSHOT,
-                "published_per_class_included": bool(self.published),
-                "notes": self.notes, "table1": self.table1(),
-                "fewshot": self.fewshot_table(),
-                "ours": [{"name": c.name, "source": c.source, "mean": c.mean, "std": c.std,
-                          "ci": c.ci} for c in self.ours]}
+                "published_source": self.published[0].source if self.published else None,
+                "notes": self.notes, "warnings": self.warnings,
+                "encoders": [asdict(e) for e in self.encoders], "eval_sets": self.eval_sets,
+                "columns": [c.to_dict() for c in self.columns],
+                "table1": self.table1(), "fewshot": self.fewshot_table()}
 
     def save(self, out: str | os.PathLike) -> dict[str, Path]:
         """comparison.json, comparison_table1.csv and comparison_fewshot.csv in ``out``."""
@@ -189,56 +193,192 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
+def published_columns(table: dict[str, dict[str, float]] | None = None,
+                      source: str = TABLE1_SOURCE) -> list[Column]:
+    """Table 1's published columns (default: the shipped per-class table)."""
+    table = published_per_class() if table is None else table
+    return [Column(m, dict(table.get(m, {})), PUBLISHED_MEAN[m], published=True, source=source)
+            for m in METHODS]
+
+
 def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
                     out: str | os.PathLike | None = None,
-                    published: str | os.PathLike | dict[str, dict[str, float]] | None = None
-                    ) -> Comparison:
+                    published: str | os.PathLike | dict[str, dict[str, float]] | None = None,
+                    allow_mixed: bool = False) -> Comparison:
     """Build the comparison from saved results (paths) or result dicts; save it to ``out``.
-    ``published``: per-class published values (a CSV for :func:`load_published_table`).
 
-    Few-shot results contribute their training-free rows (zeroshot, adapted-head), each
-    trained head at its largest shot count to Table 1, and every head to the few-shot table.
+    ``published``: per-class published values, default the shipped Table 1 (a CSV path for
+    :func:`load_published_table`, or a dict). Few-shot results contribute their
+    training-free rows (zeroshot, adapted-head) and each trained head at its largest shot
+    count to Table 1, and every head to the few-shot table. Results on different test sets
+    raise DataError unless ``allow_mixed``.
     """
     if not results:
         raise DataError("nothing to compare: pass at least one result")
+    if published is None:
+        pub = published_columns()
+    elif isinstance(published, dict):
+        pub = published_columns(published, "given table")
+    else:
+        pub = published_columns(load_published_table(published), str(published))
     ours: list[Column] = []
-    fewshot: dict[str, dict[int, dict[str, float | None]]] = {}
-    if published is not None and not isinstance(published, dict):
-        published = load_published_table(published)
-    published = published or PUBLISHED_PER_CLASS
-    notes = [] if published else [PER_CLASS_NOTE]
-    notes += ["paper's 0-shot 0.7502 is its adapted supervised head, not text zero-shot",
-             "paper's few-shot figures: one draw, one seed; ours: mean +- std over seeds, "
-             "95% patient-bootstrap intervals"]
+    series: list[FewShotSeries] = []
+    encoders: dict[str, EncoderRef] = {}
     for item in results:
         obj = item if isinstance(item, dict) else load_result(
             item, formats=("cxrembed.fewshot", "cxrembed.eval"))
-        source = obj.get("_path", "")
-        if obj.get("format") == "cxrembed.eval":
-            ci = obj.get("ci", {}).get("mean_auc")
-            ours.append(Column(_OURS_NAME.get(obj["protocol"], obj["protocol"]), obj["auc"],
-                               obj["mean_auc"], None,
-                               (ci["low"], ci["high"]) if ci else None, source))
-            continue
-        largest = {}
-        for row in obj["summary"]:
-            largest[row["head"]] = max(largest.get(row["head"], -1), row["shots"])
-        for row in obj["summary"]:
-            head, shots, m = row["head"], row["shots"], row["mean_auc"]
-            name = _OURS_NAME.get(head, head)
-            fewshot.setdefault(name, {})[shots] = m
-            if shots == largest[head]:
-                label = name if shots == 0 else f"{name} {shots}-shot"
-                ours.append(Column(label, {c: v["mean"] for c, v in row["per_class"].items()},
-                                   m["mean"], m["std"], (m["ci_low"], m["ci_high"]), source))
-    seen: dict[str, int] = {}
-    for col in ours:  # the same protocol from two results: keep both, tell them apart
-        seen[col.name] = seen.get(col.name, 0) + 1
-        if seen[col.name] > 1:
-            source = Path(col.source)
-            tag = source.parent.name if source.name == "fewshot.json" else source.stem
-            col.name = f"{col.name} [{tag or seen[col.name]}]"
-    comparison = Comparison(ours, fewshot, notes, dict(published))
+        cols, heads = _columns_of(obj)
+        ref = _encoder_of(obj, encoders)
+        for thing in cols + heads:
+            thing.encoder = ref.id
+        ours += cols
+        series += heads
+    comparison = Comparison(pub, ours, series, encoders=list(encoders.values()))
+    labels = [r.label for r in comparison.encoders]
+    for ref in comparison.encoders:  # two encoders with one label: add the fingerprint
+        if labels.count(ref.label) > 1 and ref.fingerprint_sha256:
+            ref.label += f" (fingerprint {ref.fingerprint_sha256[:8]})"
+    _check_eval_sets(comparison, allow_mixed)
+    _tag_duplicates(comparison.ours)
+    _tag_duplicates(comparison.fewshot)
+    comparison.notes += [
+        f"published: the paper's Table 1 ({pub[0].source}); its four baselines are quoted "
+        "from Bhardwaj et al.; all on NIH ChestX-ray14's official test list",
+        "paper's 0-shot 0.7502 is its adapted supervised head, not text zero-shot",
+        "paper's few-shot figures: one draw, one seed; ours: mean +- std over seeds, "
+        "95% patient-bootstrap intervals"]
+    for message in comparison.warnings:
+        log.warning("%s", message)
     if out is not None:
         comparison.save(out)
     return comparison
+
+
+def _eval_set_of(obj: dict[str, Any]) -> dict[str, Any]:
+    recorded = (obj.get("source") or {}).get("eval_set")
+    if recorded:
+        return dict(recorded)
+    if obj.get("format") == "cxrembed.eval":
+        return {"split": obj.get("split"), "n": obj.get("n_rows"), "ids_sha256": None}
+    return {"split": (obj.get("config") or {}).get("test_split", "test"),
+            "n": (obj.get("source") or {}).get("n_test"), "ids_sha256": None}
+
+
+def _columns_of(obj: dict[str, Any]) -> tuple[list[Column], list[FewShotSeries]]:
+    """Our Table 1 columns and few-shot series of one result (encoders labelled later)."""
+    source, eval_set = obj.get("_path", ""), _eval_set_of(obj)
+    if obj.get("format") == "cxrembed.eval":
+        ci = (obj.get("ci") or {}).get("mean_auc")
+        method = _METHOD.get(obj["protocol"], obj["protocol"])
+        return [Column(method, obj["auc"], obj["mean_auc"],
+                       ci=(ci["low"], ci["high"]) if ci else None, source=source,
+                       eval_set=eval_set)], []
+    largest: dict[str, int] = {}
+    for row in obj["summary"]:
+        largest[row["head"]] = max(largest.get(row["head"], -1), row["shots"])
+    columns, by_head = [], {}
+    for row in obj["summary"]:
+        head, shots, m = row["head"], row["shots"], row["mean_auc"]
+        method = _METHOD.get(head, head)
+        by_head.setdefault(method, FewShotSeries(method, {}, source=source,
+                                                  eval_set=eval_set)).cells[shots] = m
+        if shots == largest[head]:
+            columns.append(Column(method, {c: v["mean"] for c, v in row["per_class"].items()},
+                                  m["mean"], shots=shots or None, std=m["std"],
+                                  ci=(m["ci_low"], m["ci_high"]), source=source,
+                                  eval_set=eval_set))
+    return columns, list(by_head.values())
+
+
+def encoder_label(source: dict[str, Any]) -> str:
+    """A person's name for the encoder of a result's store: architecture and weights."""
+    fp = source.get("fingerprint") or {}
+    model = source.get("model") or fp.get("model") or "unknown encoder"
+    weights = fp.get("weights") or {}
+    if source.get("run") or weights.get("kind") == "run":
+        return f"{model} adapted ({Path(source.get('run') or '?').name})"
+    kind = weights.get("kind")
+    if kind == "tag":
+        return f"{model} {weights.get('tag')}"
+    if kind == "none":
+        return f"{model} random init"
+    if kind == "file":
+        return f"{model} weights file {str(weights.get('sha256') or '')[:8]}"
+    return str(model)
+
+
+def _encoder_of(obj: dict[str, Any], refs: dict[str, EncoderRef]) -> EncoderRef:
+    """The EncoderRef of a result's store fingerprint (a new E<n> for a new one)."""
+    src = obj.get("source") or {}
+    fp = src.get("fingerprint")
+    digest = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest() if fp \
+        else None
+    key = digest or f"unknown:{src.get('store') or obj.get('_path') or len(refs)}"
+    if key not in refs:
+        refs[key] = EncoderRef(f"E{len(refs) + 1}", encoder_label(src), digest)
+    store = src.get("store")
+    if store and store not in refs[key].stores:
+        refs[key].stores.append(store)
+    return refs[key]
+
+
+def _set_text(s: dict[str, Any]) -> str:
+    ids = f", ids {s['ids_sha256'][:8]}" if s.get("ids_sha256") else ""
+    return f"{s.get('n')} {s.get('split')} images{ids}"
+
+
+def _check_eval_sets(comparison: Comparison, allow_mixed: bool) -> None:
+    """Refuse (or, with ``allow_mixed``, label and warn about) results on different sets."""
+    columns = comparison.ours + comparison.fewshot
+    sets: list[dict[str, Any]] = []
+    for col in columns:
+        s = col.eval_set or {}
+        match = next((t for t in sets if t["split"] == s.get("split") and t["n"] == s.get("n")
+                      and (None in (t["ids_sha256"], s.get("ids_sha256"))
+                           or t["ids_sha256"] == s.get("ids_sha256"))), None)
+        if match is None:
+            match = {"split": s.get("split"), "n": s.get("n"),
+                     "ids_sha256": s.get("ids_sha256"), "id": f"T{len(sets) + 1}",
+                     "sources": []}
+            sets.append(match)
+        match["ids_sha256"] = match["ids_sha256"] or s.get("ids_sha256")
+        if col.source not in match["sources"]:
+            match["sources"].append(col.source)
+        col.eval_set_id = match["id"]
+    comparison.eval_sets = sets
+    unchecked = sorted({c.source for c in columns if not (c.eval_set or {}).get("ids_sha256")})
+    if unchecked:
+        comparison.warnings.append(
+            f"{', '.join(unchecked)} record no test-set image ids (written before cxrembed "
+            "recorded them): their test set is checked by split and size only")
+    if len(sets) > 1:
+        listing = "; ".join(f"{s['id']}: {_set_text(s)} ({', '.join(s['sources'])})"
+                            for s in sets)
+        if not allow_mixed:
+            raise DataError(f"these results were scored on different test sets, so their AUCs "
+                            f"are not comparable: {listing}. Compare results of one test set, "
+                            "or pass --allow-mixed to put them in one table anyway (each "
+                            "column then names its set)")
+        comparison.warnings.append(f"mixed test sets (AUCs not comparable across them): "
+                                   f"{listing}")
+    else:
+        for col in columns:
+            col.eval_set_id = None
+        for s in sets:
+            comparison.notes.append(f"ours: {_set_text(s)}")
+
+
+def _tag_duplicates(items: list[Column] | list[FewShotSeries]) -> None:
+    """The same protocol, encoder and set from two results: tell them apart by source."""
+    names: dict[str, list[Any]] = {}
+    for item in items:
+        names.setdefault(item.name, []).append(item)
+    for same in names.values():
+        if len(same) > 1:
+            for k, item in enumerate(same, start=1):
+                path = Path(item.source)
+                item.tag = (path.parent.name if path.name == "fewshot.json" else path.stem) \
+                    or str(k)
+            if len({item.tag for item in same}) < len(same):
+                for k, item in enumerate(same, start=1):
+                    item.tag = f"{item.tag} {k}"

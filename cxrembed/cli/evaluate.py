@@ -92,24 +92,21 @@ def evaluate(
     _show_eval(result, json_out, "adapted head")
 
 
+#: Narrow headers for the terminal: method -> abbreviation (the legend spells them out).
 _SHORT = {"CheXzero": "ChXz", "ImCLIP": "ImCL", "CXR-CLIP": "CXRC", "MoCoCLIP": "MoCo",
           "Dalsania 2025": "paper", "zeroshot": "zs", "adapted-head": "adapt", "linear": "lin"}
 LEGEND = ("* published; ChXz CheXzero, ImCL ImCLIP, CXRC CXR-CLIP, MoCo MoCoCLIP, zs text "
           "zero-shot, adapt the adapted head, X@K head X at K shots (mean over seeds)")
 
 
-def _short(column: str) -> str:
-    """Narrow headers: 'CheXzero (published)' -> 'ChXz*', 'linear 16-shot' -> 'lin@16'."""
-    star = column.endswith(" (published)")
-    column = column.removesuffix(" (published)")
-    tag = ""
-    if column.endswith("]"):
-        column, tag = column[:column.rindex(" [")], column[column.rindex(" [") + 1:]
-    shots = ""
-    if column.endswith("-shot"):
-        column, shots = column[:-5].rsplit(" ", 1)
-        shots = f"@{shots}"
-    return _SHORT.get(column, column) + shots + ("*" if star else "") + tag
+def _header(column: Any) -> str:
+    """A column's narrow header from its fields: 'ChXz*', 'lin@16 E2', 'zs E1 T2 (run-b)'."""
+    text = _SHORT.get(column.method, column.method)
+    text += f"@{column.shots}" if getattr(column, "shots", None) else ""
+    text += "*" if getattr(column, "published", False) else ""
+    labels = " ".join(x for x in (column.encoder, column.eval_set_id) if x)
+    text += f"\n{labels}" if labels else ""
+    return text + (f" ({column.tag})" if column.tag else "")
 
 
 def _ci_text(cell: dict[str, Any]) -> str:
@@ -185,40 +182,49 @@ def compare(
         "--out", help="Folder for comparison JSON/CSV (default: beside the first result)."
     )] = None,
     published: Annotated[Optional[Path], typer.Option(
-        "--published", help="CSV of the published per-class AUCs (class, CheXzero, ImCLIP, "
-        "CXR-CLIP, MoCoCLIP, paper); without it only the published means are shown.")] = None,
+        "--published", help="CSV of published per-class AUCs (class, CheXzero, ImCLIP, "
+        "CXR-CLIP, MoCoCLIP, paper) to use instead of the paper's Table 1 shipped with "
+        "cxrembed.")] = None,
+    allow_mixed: Annotated[bool, typer.Option(
+        "--allow-mixed", help="Put results scored on different test sets in one table "
+        "(refused by default: their AUCs are not comparable).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Our protocols beside the paper's Table 1 and few-shot table."""
-    from cxrembed.compare import compare_results
+    from cxrembed.compare import PAPER, compare_results
 
     first = results[0]
     out = out or (first if first.is_dir() else first.parent)
-    comparison = compare_results(results, out=out, published=published)
+    comparison = compare_results(results, out=out, published=published,
+                                 allow_mixed=allow_mixed)
     if json_out:
         print_json(comparison.to_dict())
         return
-    rows = comparison.table1()
     table = Table(title="NIH ChestX-ray14 test AUC in the layout of the paper's Table 1 "
                         "(* = published)", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("class", no_wrap=True)
-    for key in list(rows[0])[1:]:
-        table.add_column(escape(_short(key)), justify="right", min_width=5)
-    for row in rows:
-        table.add_row(row["class"], *[_f(v, 3) for k, v in row.items() if k != "class"])
+    for column in comparison.columns:
+        table.add_column(escape(_header(column)), justify="right", min_width=5)
+    for row in comparison.table1():
+        table.add_row(row["class"], *[_f(row[c.name], 3) for c in comparison.columns])
     console.print(table)
     console.print(f"[dim]{LEGEND}[/]")
-    if not comparison.published:  # the first note says why per-class cells read n/a
-        console.print(f"[yellow]note:[/] {comparison.notes[0]}")
+    for ref in comparison.encoders:
+        stores = f" ({', '.join(ref.stores)})" if ref.stores else ""
+        console.print(f"[dim]{ref.id} = {escape(ref.label)}{escape(stores)}[/]")
+    for message in comparison.warnings:
+        console.print(f"[yellow]warning:[/] {escape(message)}")
     few = comparison.fewshot_table()
     table = Table(title="Few-shot mean AUC (* paper: one draw, one seed; ours: mean +- std "
                         "over seeds)", box=box.SIMPLE_HEAD, padding=(0, 1))
-    for key in few[0]:
-        table.add_column(escape(_short(str(key))), justify="right", min_width=6)
+    table.add_column("shots", justify="right")
+    table.add_column("paper*", justify="right", min_width=6)
+    for series in comparison.fewshot:
+        table.add_column(escape(_header(series)), justify="right", min_width=6)
     for row in few:
-        table.add_row(str(row["shots"]), *[
-            _f(v) if not isinstance(v, dict) else f"{_f(v['mean'])}±{_f(v['std'], 3)}"
-            for k, v in row.items() if k != "shots"])
+        cells = [row[s.name] for s in comparison.fewshot]
+        table.add_row(str(row["shots"]), _f(row[f"{PAPER} (published)"]), *[
+            "" if v is None else f"{_f(v['mean'])}±{_f(v['std'], 3)}" for v in cells])
     console.print(table)
     console.print(f"[green]saved[/] {out}/comparison.json, comparison_table1.csv, "
                   "comparison_fewshot.csv")

@@ -18,7 +18,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.fewshot.data import EvalData, as_eval_data
-from cxrembed.fewshot.results import to_jsonable, json_number, per_class_dict
+from cxrembed.fewshot.results import eval_set, json_number, per_class_dict, to_jsonable
 from cxrembed.labels import LABELS
 from cxrembed.metrics import BootstrapCI, bootstrap_auc, mean_auc, per_class_auc
 
@@ -66,7 +66,8 @@ def _evaluate(protocol: str, data: EvalData, scores_of: Callable[[np.ndarray], n
         auc = ci.auc
     else:
         ci, auc = None, per_class_auc(y, scores)
-    return EvalResult(protocol, split, auc, ci, len(rows), data.source)
+    return EvalResult(protocol, split, auc, ci, len(rows),
+                      {**data.source, "eval_set": eval_set(split, data.image_id, rows)})
 
 
 def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",

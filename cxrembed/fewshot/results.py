@@ -14,6 +14,7 @@ Files written by :meth:`FewShotResult.save` into ``OUT``:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +33,17 @@ RESULT_FORMAT = "cxrembed.fewshot"
 def json_number(x: float | None) -> float | None:
     """A float for JSON; NaN (undefined) becomes null."""
     return None if x is None or np.isnan(x) else float(x)
+
+
+def eval_set(split: str, image_id: np.ndarray | None, rows: np.ndarray) -> dict[str, Any]:
+    """Which images a result was scored on: split, count, and a SHA-256 of the sorted image
+    ids (None when the data has no ids). ``compare`` refuses to mix results whose sets
+    differ."""
+    digest = None
+    if image_id is not None:
+        ids = sorted(str(i) for i in np.asarray(image_id)[rows])
+        digest = hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
+    return {"split": split, "n": int(len(rows)), "ids_sha256": digest}
 
 
 def per_class_dict(values: np.ndarray) -> dict[str, float | None]:

@@ -20,7 +20,7 @@ import numpy as np
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.fewshot.config import TEXT_HEADS, TRAINING_FREE, FewShotConfig
 from cxrembed.fewshot.data import EvalData, as_eval_data
-from cxrembed.fewshot.results import FewShotResult, json_number, per_class_dict
+from cxrembed.fewshot.results import FewShotResult, eval_set, json_number, per_class_dict
 from cxrembed.fewshot.sampling import seeded_rng, shot_orders, take_shots
 from cxrembed.heads.base import single_thread
 from cxrembed.labels import LABELS, NUM_CLASSES
@@ -276,6 +276,7 @@ class _Sweep:
                   if cells else None}
         config = self.config
         source = {**self.data.source, "n_test": int(len(self.test)),
+                  "eval_set": eval_set(config.test_split, self.data.image_id, self.test),
                   "n_test_patients": int(self.scorer.index.max()) + 1,
                   "n_train": int(len(self.train)), "n_val": int(len(self.val)),
                   "ci": {"method": self.scorer.method, "n_resamples": config.bootstrap,
