@@ -43,11 +43,6 @@ from cxrembed.labels import LABELS
 
 log = logging.getLogger(__name__)
 
-#: Published NIH14 mean AUCs (the paper's Table 1) and its few-shot row (0..16 shots).
-PUBLISHED_MEANS = {"CheXzero": 0.706, "ImCLIP": 0.564, "CXR-CLIP": 0.719, "MoCoCLIP": 0.749,
-                   "paper (partial CLIP)": 0.750}
-PUBLISHED_FEWSHOT = {0: 0.7502, 1: 0.7502, 2: 0.7513, 4: 0.7511, 8: 0.7527, 16: 0.7542}
-
 
 @dataclass
 class DemoConfig:
@@ -134,6 +129,7 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     prints nothing.
     """
     from cxrembed.adapt import AdaptConfig, adapt
+    from cxrembed.compare import PUBLISHED_FEWSHOT, published_columns
     from cxrembed.data import load_nih
     from cxrembed.data.cache import build_pixel_cache
     from cxrembed.encode import encode_dataset
@@ -259,7 +255,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
         "dataset": dataset.summary(), "adapt_run": "adapt", "steps": steps.records,
         "adapt": result.to_dict() | {"history": None},
         "protocols": protocols, "roc_protocol": "adapted head",
-        "published": {name: {"mean": value} for name, value in PUBLISHED_MEANS.items()},
+        "published": {c.method: {"mean": c.mean, "per_class": c.per_class}
+                      for c in published_columns()},
         "fewshot_curves": "fewshot_curves.json", "roc": "roc.json",
         "searches": searches, "thumbnails": "thumbnails.json",
     }

@@ -179,8 +179,8 @@ def _auc_table_section(protocols: dict[str, dict], published: dict[str, dict]) -
             f"<br><span class=sub>bootstrap {level} CI, by patient</span></td>{means}</tr>"
             "</table>"
             f"<ul class=note>{notes}</ul><p class=note>Published columns are the figures "
-            "printed in the paper (NIH ChestX-ray14, real images), means only: its per-class "
-            "values could not be obtained and are not retyped from memory. Ours are from this "
+            "printed in the paper's Table 1 (NIH ChestX-ray14 official test list, real "
+            "images; its four baselines quoted from Bhardwaj et al.). Ours are from this "
             "run's data. Undefined AUCs (a class without positives) show as —. Bold: the "
             "highest of our columns in a row (descriptive, not a selection).</p></div>")
 
