@@ -1,8 +1,8 @@
 """Reading an NIH ChestX-ray14 release: metadata, official lists, images on disk.
 
-The data contract, written down once. A :class:`NIHDataset` holds one row per image,
-row-aligned arrays, in the metadata file's order (the official CSV is sorted by image
-name), filtered as asked:
+The reader yields an :class:`~cxrembed.data.table.ImageTable` (``NIHDataset`` is its old
+name), one row per image in the metadata file's order (the official CSV is sorted by image
+name), filtered as asked; NIH's fields:
 
 =============  ==========  ====================================================
 field          dtype       meaning
@@ -26,17 +26,18 @@ import gzip
 import io
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cxrembed.errors import DataError
 from cxrembed.labels import LABELS, parse_finding_labels
-from cxrembed.data.splits import SPLITS, split_train_val_by_patient, check_patient_disjoint
+from cxrembed.data.splits import split_train_val_by_patient, check_patient_disjoint
+from cxrembed.data.table import MISSING_POLICIES, ImageTable
 
 log = logging.getLogger(__name__)
 
+NAME = "nih"
 NIH_URL = "https://nihcc.app.box.com/v/ChestXray-NIHCC"
 METADATA_NAMES = (
     "Data_Entry_2017.csv",
@@ -58,74 +59,10 @@ REQUIRED_COLUMNS = (
 )
 VIEWS = ("all", "PA", "AP")
 IMAGE_SUFFIXES = (".png",)
-MISSING_POLICIES = ("error", "drop", "keep")
 
 
-@dataclass
-class NIHDataset:
-    """Row-aligned arrays for every image of a release (see the module docstring)."""
-
-    root: Path
-    image_id: np.ndarray
-    patient_id: np.ndarray
-    follow_up: np.ndarray
-    labels: np.ndarray
-    view: np.ndarray
-    age: np.ndarray
-    sex: np.ndarray
-    split: np.ndarray
-    path: np.ndarray
-    #: Images named by the metadata but absent from disk (before any ``drop``).
-    missing: list[str] = field(default_factory=list)
-    #: Where each input came from, for summaries and for refusing mismatched use later.
-    sources: dict[str, str] = field(default_factory=dict)
-
-    _ROW_FIELDS = ("image_id", "patient_id", "follow_up", "labels", "view", "age", "sex",
-                   "split", "path")
-
-    def __len__(self) -> int:
-        return len(self.image_id)
-
-    def subset(self, rows: np.ndarray) -> "NIHDataset":
-        """A dataset of the selected rows (boolean mask or integer indices), same order."""
-        kwargs = {name: getattr(self, name)[rows] for name in self._ROW_FIELDS}
-        return NIHDataset(root=self.root, missing=list(self.missing), sources=dict(self.sources),
-                          **kwargs)
-
-    def split_rows(self, split: str) -> np.ndarray:
-        """Integer row indices of one split (``train``, ``val`` or ``test``)."""
-        if split not in SPLITS:
-            raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        return np.flatnonzero(self.split == split)
-
-    @property
-    def present(self) -> np.ndarray:
-        """Boolean mask of rows whose image file is on disk."""
-        return self.path != ""
-
-    def summary(self) -> dict:
-        """Counts a person checks first: images, patients, per-class positives per split."""
-        out: dict = {
-            "root": str(self.root),
-            "images": int(len(self)),
-            "images_present": int(self.present.sum()),
-            "images_missing": len(self.missing),
-            "missing_examples": self.missing[:5],
-            "patients": int(len(np.unique(self.patient_id))),
-            "views": {v: int((self.view == v).sum()) for v in ("PA", "AP")},
-            "sources": dict(self.sources),
-            "splits": {},
-        }
-        for split in SPLITS:
-            rows = self.split == split
-            out["splits"][split] = {
-                "images": int(rows.sum()),
-                "patients": int(len(np.unique(self.patient_id[rows]))),
-                "no_finding": int((self.labels[rows].sum(axis=1) == 0).sum()),
-                "positives": {name: int(self.labels[rows, i].sum())
-                              for i, name in enumerate(LABELS)},
-            }
-        return out
+#: The NIH reader yields the one table every reader yields.
+NIHDataset = ImageTable
 
 
 # ---------------------------------------------------------------------------------------
@@ -371,3 +308,12 @@ def load_nih(
     log.info("loaded %d images of %d patients from %s", len(dataset),
              len(np.unique(dataset.patient_id)), root)
     return dataset
+
+
+def detect(root: Path) -> bool:
+    """A folder with NIH's metadata file (``Data_Entry_2017*.csv[.gz]``)."""
+    return any((Path(root) / name).is_file() for name in METADATA_NAMES)
+
+
+#: The reader interface of :mod:`cxrembed.data.readers`.
+load = load_nih
