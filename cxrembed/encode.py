@@ -53,16 +53,20 @@ class EncodeResult:
 # Prompts
 
 
-def class_prompts(prompts: dict | None = None) -> dict[str, tuple[list[str], list[str]]]:
+def class_prompts(prompts: dict | None = None, label_names: Sequence[str] | None = None
+                  ) -> dict[str, tuple[list[str], list[str]]]:
     """Per class ``(positive prompts, negative prompts)``, plus ``No Finding``.
 
-    ``prompts`` overrides the defaults (:func:`cxrembed.labels.default_prompts`) per class;
-    classes it does not name keep theirs.
+    ``label_names``: the dataset's classes (default: NIH's 14), each with a default prompt
+    pair made from its name (:func:`cxrembed.labels.default_prompts`). ``prompts``
+    overrides them per class; classes it does not name keep theirs.
     """
-    out = {name: (list(p), list(n)) for name, (p, n) in default_prompts().items()}
+    names = list(label_names) if label_names is not None else None
+    out = {name: (list(p), list(n)) for name, (p, n) in default_prompts(names).items()}
     out[NO_FINDING] = ([NO_FINDING_PROMPT], [])
+    own = {name.lower(): name for name in out}
     for name, pair in (prompts or {}).items():
-        key = NO_FINDING if name.strip().lower() == NO_FINDING.lower() else canonical(name)
+        key = own.get(name.strip().lower()) or canonical(name)
         pos, neg = pair
         if isinstance(pos, str) or isinstance(neg, str) or not (pos or neg):
             raise ConfigError(f"prompts of {name!r} must be two lists of strings "
@@ -71,7 +75,8 @@ def class_prompts(prompts: dict | None = None) -> dict[str, tuple[list[str], lis
     return out
 
 
-def load_prompts(path: str | os.PathLike) -> dict[str, tuple[list[str], list[str]]]:
+def load_prompts(path: str | os.PathLike, label_names: Sequence[str] | None = None
+                 ) -> dict[str, tuple[list[str], list[str]]]:
     """Read a prompts file (JSON) into :func:`class_prompts` form.
 
     Two shapes are accepted::
@@ -98,8 +103,8 @@ def load_prompts(path: str | os.PathLike) -> dict[str, tuple[list[str], list[str
             raise ConfigError(f"{path}: 'templates' needs a 'positive' list") from None
         from cxrembed.labels import LABELS
 
-        for name in LABELS:
-            disease = name.lower()
+        for name in (label_names or LABELS):
+            disease = name.lower().replace("_", " ")
             given[name] = ([t.format(disease=disease) for t in pos_t],
                            [t.format(disease=disease) for t in neg_t])
     for name, value in raw.items():
@@ -107,7 +112,7 @@ def load_prompts(path: str | os.PathLike) -> dict[str, tuple[list[str], list[str
             raise ConfigError(f"{path}: {name!r} must map to "
                               '{"positive": [...], "negative": [...]}')
         given[name] = (list(value["positive"]), list(value.get("negative", [])))
-    return class_prompts(given)
+    return class_prompts(given, label_names)
 
 
 def distinct_prompts(prompts: dict[str, tuple[list[str], list[str]]]) -> list[str]:
@@ -146,7 +151,7 @@ def _row_fields(dataset: Any) -> dict[str, np.ndarray]:
     return {"image_id": dataset.image_id, "patient_id": dataset.patient_id,
             "follow_up": dataset.follow_up, "split": dataset.split, "view": dataset.view,
             "sex": dataset.sex, "age": dataset.age, "labels": dataset.labels,
-            "image_path": rel}
+            "image_path": rel, "label_known": getattr(dataset, "label_known", None)}
 
 
 def encoder_attrs(encoder: Any) -> dict[str, Any]:
@@ -323,8 +328,9 @@ def encode_dataset(
         chunk = max(batch_size, -(-chunk // batch_size) * batch_size)
         text_prompts, text_vectors = None, None
         if encoder.has_text:
-            text_prompts = (class_prompts(prompts) if prompts is None or isinstance(prompts, dict)
-                            else load_prompts(prompts))
+            names = list(getattr(dataset, "label_names", None) or ()) or None
+            text_prompts = (class_prompts(prompts, names) if prompts is None
+                            or isinstance(prompts, dict) else load_prompts(prompts, names))
             text_vectors = _encode_texts(encoder, distinct_prompts(text_prompts))
         elif prompts is not None:
             log.warning("%s has no text tower: the prompts are not stored", encoder.model_name)
@@ -334,7 +340,9 @@ def encode_dataset(
             fingerprint=fingerprint, has_head=bool(encoder.has_head),
             has_text=bool(encoder.has_text), batch_size=batch_size, chunk_rows=chunk,
             prompts=text_prompts, text_embeddings=text_vectors,
-            attrs={**encoder_attrs(encoder),
+            label_names=getattr(dataset, "label_names", None),
+            head_label_names=getattr(encoder, "label_names", None),
+            attrs={**encoder_attrs(encoder), "dataset": getattr(dataset, "dataset", "nih"),
                    "preprocessing": fingerprint.get("preprocessing") or _preprocessing(),
                    "dataset_root": str(Path(dataset.root).resolve()),
                    "dataset_sources": dict(getattr(dataset, "sources", {}) or {}),

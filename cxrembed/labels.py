@@ -79,11 +79,16 @@ NEGATIVE_TEMPLATES: tuple[str, ...] = ("no {disease}",)
 NO_FINDING_PROMPT = "no finding"
 
 
-def default_prompts() -> dict[str, tuple[list[str], list[str]]]:
-    """Per class: (positive prompts, negative prompts) from the default templates."""
+def default_prompts(label_names: tuple[str, ...] | list[str] | None = None
+                    ) -> dict[str, tuple[list[str], list[str]]]:
+    """Per class: (positive prompts, negative prompts) from the default templates.
+
+    ``label_names`` are any dataset's classes (default: NIH's 14); the prompt pair of a
+    class is made from its name, lower case, underscores as spaces.
+    """
     prompts = {}
-    for name in LABELS:
-        disease = name.lower()
+    for name in (LABELS if label_names is None else label_names):
+        disease = name.lower().replace("_", " ")
         prompts[name] = (
             [t.format(disease=disease) for t in POSITIVE_TEMPLATES],
             [t.format(disease=disease) for t in NEGATIVE_TEMPLATES],

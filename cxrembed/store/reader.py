@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from cxrembed.errors import ConfigError, StoreError
+from cxrembed.errors import ConfigError, CxrembedError, StoreError
 from cxrembed.labels import LABELS, canonical
-from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, NO_FINDING_KEY, ROW_FIELDS,
-                                   decode_strings, read_attrs)
+from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, LABEL_KNOWN, NO_FINDING_KEY,
+                                   ROW_FIELDS, decode_strings, read_attrs)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class EmbeddingStore:
         for name in ROW_FIELDS:
             data = h5file[name][:rows]
             setattr(self, name, decode_strings(data) if ROW_FIELDS[name] == "S" else data)
+        #: False where a label is unknown (all True in stores written before the mask).
+        self.label_known = (h5file[LABEL_KNOWN][:rows].astype(bool) if LABEL_KNOWN in h5file
+                            else np.ones(self.labels.shape, dtype=bool))
         self._row_of: dict[str, int] | None = None
 
     @classmethod
@@ -160,6 +163,16 @@ class EmbeddingStore:
     def label_names(self) -> list[str]:
         return list(self.attrs.get("label_names") or LABELS)
 
+    @property
+    def head_label_names(self) -> list[str]:
+        """The columns of the adapted head's logits (NIH's 14 for stores before the attr)."""
+        return list(self.attrs.get("head_label_names") or LABELS)
+
+    @property
+    def dataset(self) -> str:
+        """The reader of the encoded data (``nih`` for stores before the attribute)."""
+        return str(self.attrs.get("dataset") or "nih")
+
     # ---------------------------------------------------------------------------------
     # Rows
 
@@ -187,15 +200,32 @@ class EmbeddingStore:
                 raise ConfigError(f"unknown split {split!r}; expected train, val or test")
             keep &= self.split == split
         if view is not None:
-            if view.upper() not in ("PA", "AP"):
-                raise ConfigError(f"unknown view {view!r}; expected PA or AP")
+            views = sorted(set(self.view.tolist()) - {""})
+            if view.upper() not in views:
+                raise ConfigError(f"unknown view {view!r}; this store has "
+                                  f"{', '.join(views) or 'no view values'}")
             keep &= self.view == view.upper()
         if label is not None:
             if label.strip().lower() == NO_FINDING_KEY.lower():
-                keep &= self.labels.sum(axis=1) == 0
+                keep &= (self.labels * self.label_known).sum(axis=1) == 0
             else:
-                keep &= self.labels[:, self.label_names.index(canonical(label))] == 1
+                k = self.label_column(label)
+                keep &= (self.labels[:, k] == 1) & self.label_known[:, k]
         return np.flatnonzero(keep)
+
+    def label_column(self, name: str) -> int:
+        """Column of a class in ``labels``: its name in the store's own vocabulary (case
+        ignored; NIH's CSV spellings too); a ConfigError lists the names there are."""
+        lowered = [n.lower() for n in self.label_names]
+        key = name.strip().lower().replace("_", " ")
+        for candidate in (name.strip().lower(), key):
+            if candidate in lowered:
+                return lowered.index(candidate)
+        try:
+            return self.label_names.index(canonical(name))
+        except (ValueError, CxrembedError):
+            raise ConfigError(f"unknown label {name!r}; store {self.path} has "
+                              f"{', '.join(self.label_names)} or {NO_FINDING_KEY!r}") from None
 
     def _check_rows(self, rows: Any) -> np.ndarray | None:
         if rows is None:

@@ -22,7 +22,11 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
                         again (queries by image or new text use it)
       has_head          the adapted head's logits are stored
       has_text          the encoder has a text tower (text queries, zero-shot)
-      label_names       JSON: the 14 class names, the column order of ``labels``
+      label_names       JSON: the dataset's class names (NIH's 14, CheXpert's 13, ...), the
+                        column order of ``labels``
+      head_label_names  JSON: the adapted head's class names, the column order of
+                        ``head_logits`` (only when ``has_head``; NIH's 14 for an NIH run)
+      dataset           the reader that read the data (``nih``, ``chexpert``, ...)
       batch_size        the batch size of the encode (a resume reuses it, so its batches,
       chunk_rows        and hence its vectors, are those of an uninterrupted run)
       dataset_root      the data folder encoded (for montages); ``image_path`` is relative to it
@@ -37,7 +41,10 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
       view        S  (N,)      ``PA`` / ``AP``
       sex         S  (N,)      ``M`` / ``F``
       age         f4 (N,)      NaN where unknown
-      labels      u1 (N, 14)   multi-hot, columns in ``label_names`` order
+      labels      u1 (N, K)    multi-hot, columns in ``label_names`` order
+      label_known u1 (N, K)    0 where a label is unknown (e.g. CheXpert's uncertain under
+                               ``--uncertain ignore``): left out of AUCs and losses. Stores
+                               written before it existed read as all known.
       image_path  S  (N,)      UTF-8 image path relative to ``dataset_root``
 
     per image, filled in chunks by the encode
@@ -46,7 +53,8 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
                                   train on)
       embedding_norm  f4 (N,)     L2 norm of each stored float16 row: the unit vector used
                                   for similarity is ``embedding / embedding_norm``
-      head_logits     f4 (N, 14)  the adapted head's logits (only when ``has_head``)
+      head_logits     f4 (N, H)   the adapted head's logits (only when ``has_head``), columns
+                                  in ``head_label_names`` order
       rows_done       i8 (1,)     rows 0 .. rows_done-1 are final
 
     text (only when ``has_text``)
@@ -85,9 +93,12 @@ ROW_FIELDS: dict[str, str] = {
     "labels": "u1",
     "image_path": "S",
 }
+#: The row-aligned mask of known labels (u1, N x K); a store written by an earlier cxrembed
+#: lacks it and reads as all known.
+LABEL_KNOWN = "label_known"
 #: Attributes stored as JSON strings (decoded by the reader).
 JSON_ATTRS = ("fingerprint", "preprocessing", "label_names", "dataset_sources", "selection",
-              "load_args")
+              "load_args", "head_label_names")
 NO_FINDING_KEY = "No Finding"
 
 

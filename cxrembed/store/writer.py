@@ -14,9 +14,9 @@ import numpy as np
 
 from cxrembed import __version__
 from cxrembed.errors import StoreError
-from cxrembed.labels import LABELS, NUM_CLASSES
-from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, ROW_FIELDS,
-                                   encode_strings, read_attrs)
+from cxrembed.labels import LABELS
+from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
+                                   ROW_FIELDS, encode_strings, read_attrs)
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,22 @@ class StoreWriter:
     def create(cls, path: str | os.PathLike, *, rows: dict[str, np.ndarray], embed_dim: int,
                fingerprint: dict, has_head: bool, has_text: bool, batch_size: int,
                chunk_rows: int, prompts: dict[str, tuple[list[str], list[str]]] | None = None,
-               text_embeddings: np.ndarray | None = None, attrs: dict[str, Any] | None = None
-               ) -> "StoreWriter":
+               text_embeddings: np.ndarray | None = None, attrs: dict[str, Any] | None = None,
+               label_names: list[str] | tuple[str, ...] | None = None,
+               head_label_names: list[str] | tuple[str, ...] | None = None) -> "StoreWriter":
         """Create ``path`` (replacing nothing: the caller removes an old file first).
 
         Args:
-            rows: every field of :data:`~cxrembed.store.schema.ROW_FIELDS`, row-aligned.
+            rows: every field of :data:`~cxrembed.store.schema.ROW_FIELDS`, row-aligned,
+                and optionally ``label_known`` (default: all known).
             fingerprint: the encoder's fingerprint (JSON-able dict).
             chunk_rows: rows per committed chunk; a multiple of ``batch_size``.
             prompts, text_embeddings: the class prompts (``{class: (pos, neg)}``) and one
                 row per distinct prompt, in first-seen order, when ``has_text``.
             attrs: further file attributes (model name, weights, run, dataset root, ...).
+            label_names: the columns of ``rows["labels"]`` (default: NIH's 14);
+                ``rows["label_known"]`` may be left out (all known).
+            head_label_names: the columns of the head's logits (default: NIH's 14).
         """
         import h5py
 
@@ -89,11 +94,17 @@ class StoreWriter:
         if chunk_rows % batch_size:
             raise StoreError(f"chunk_rows {chunk_rows} is not a multiple of batch_size "
                              f"{batch_size}")
+        label_names = list(label_names or LABELS)
+        head_label_names = list(head_label_names or LABELS)
+        known = rows.get(LABEL_KNOWN)
+        known = np.ones((n, len(label_names)), np.uint8) if known is None else known
         missing = set(ROW_FIELDS) - set(rows)
         if missing:
             raise StoreError(f"row fields missing for the store: {', '.join(sorted(missing))}")
-        if rows["labels"].shape != (n, NUM_CLASSES):
-            raise StoreError(f"labels must be ({n}, {NUM_CLASSES}), got {rows['labels'].shape}")
+        for name, value in (("labels", rows["labels"]), (LABEL_KNOWN, known)):
+            if np.shape(value) != (n, len(label_names)):
+                raise StoreError(f"{name} must be ({n}, {len(label_names)}) for "
+                                 f"{len(label_names)} label names, got {np.shape(value)}")
         tmp = path.with_name(path.name + ".creating")
         try:
             with h5py.File(tmp, "w") as f:
@@ -103,7 +114,7 @@ class StoreWriter:
                     "created": _now(), "finished": "", "complete": False, "num_rows": n,
                     "embed_dim": int(embed_dim), "fingerprint": fingerprint,
                     "has_head": bool(has_head), "has_text": bool(has_text),
-                    "label_names": list(LABELS), "batch_size": int(batch_size),
+                    "label_names": label_names, "batch_size": int(batch_size),
                     "chunk_rows": int(chunk_rows),
                 }
                 for key, value in {**base, **(attrs or {})}.items():
@@ -114,12 +125,15 @@ class StoreWriter:
                     data = rows[name]
                     data = encode_strings(data) if kind == "S" else np.asarray(data, dtype=kind)
                     f.create_dataset(name, data=data, dcpl=_early_dcpl())
+                f.create_dataset(LABEL_KNOWN, data=np.asarray(known, dtype="u1"),
+                                 dcpl=_early_dcpl())
                 dcpl = _early_dcpl()
                 f.create_dataset("embedding", shape=(n, embed_dim), dtype="f2", dcpl=dcpl)
                 f.create_dataset("embedding_norm", shape=(n,), dtype="f4", dcpl=dcpl)
                 if has_head:
-                    f.create_dataset("head_logits", shape=(n, NUM_CLASSES), dtype="f4",
-                                     dcpl=dcpl)
+                    f.attrs["head_label_names"] = json.dumps(head_label_names)
+                    f.create_dataset("head_logits", shape=(n, len(head_label_names)),
+                                     dtype="f4", dcpl=dcpl)
                 f.create_dataset("rows_done", data=np.zeros(1, np.int64), dcpl=dcpl)
                 if has_text:
                     if prompts is None or text_embeddings is None:
