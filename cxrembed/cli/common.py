@@ -62,14 +62,17 @@ def print_json(obj: Any) -> None:
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
 
-DataArg = Annotated[Path, typer.Argument(help="NIH ChestX-ray14 folder (official layout, "
-                                         "images/ or flat).")]
+DataArg = Annotated[Path, typer.Argument(help=(
+    "Data folder: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, class folders, or a "
+    "labelled CSV (--dataset csv); the kind is detected unless --dataset names it."))]
 CsvOpt = Annotated[Optional[Path], typer.Option("--csv", help="Metadata CSV elsewhere "
-                                                "(Data_Entry_2017*.csv[.gz]).")]
+                                                "(NIH Data_Entry_2017*.csv[.gz], PadChest's "
+                                                "CSV) or the CSV to read with --dataset csv.")]
 TrainValListOpt = Annotated[Optional[Path], typer.Option("--train-val-list",
                                                          help="train_val_list.txt elsewhere.")]
 TestListOpt = Annotated[Optional[Path], typer.Option("--test-list", help="test_list.txt elsewhere.")]
-ViewOpt = Annotated[str, typer.Option("--view", help="Keep PA, AP or all views.")]
+ViewOpt = Annotated[str, typer.Option("--view", "--views", help=(
+    "Views to keep: all, frontal, lateral, or view values comma-separated (PA,AP)."))]
 ValFractionOpt = Annotated[float, typer.Option("--val-fraction",
                                                help="Share of train_val patients held out as val.")]
 SplitSeedOpt = Annotated[int, typer.Option("--split-seed", help="Seed of the patient split.")]
@@ -79,10 +82,90 @@ AllowMissingOpt = Annotated[bool, typer.Option(
 
 def load_dataset(data: Path, csv: Path | None, train_val_list: Path | None,
                  test_list: Path | None, view: str, val_fraction: float, split_seed: int,
-                 allow_missing: bool, keep_missing: bool = False):
-    """The one call every data-reading command makes."""
-    from cxrembed.data import load_nih
+                 allow_missing: bool, keep_missing: bool = False,
+                 source: "ReaderOptions | None" = None):
+    """The one call every data-reading command makes (``source``: the reader options that
+    :func:`reader_options` adds to a command)."""
+    from cxrembed.data import load_dataset as load
 
-    return load_nih(data, csv_path=csv, train_val_list=train_val_list, test_list=test_list,
-                    view=view, val_fraction=val_fraction, seed=split_seed,
-                    missing="keep" if keep_missing else ("drop" if allow_missing else "error"))
+    source = source or ReaderOptions()
+    return load(data, source.dataset, csv_path=csv, train_val_list=train_val_list,
+                test_list=test_list, view=view, val_fraction=val_fraction, seed=split_seed,
+                missing="keep" if keep_missing else ("drop" if allow_missing else "error"),
+                **source.options())
+
+
+# ---------------------------------------------------------------------------------------
+# Reader options (--dataset and the options of the CheXpert/MIMIC/PadChest/csv readers),
+# added to a command by one decorator and handed to it as one ``source`` argument.
+
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+
+
+@dataclasses.dataclass
+class ReaderOptions:
+    """What :func:`cxrembed.data.load_dataset` takes beyond the NIH options."""
+
+    dataset: str = "auto"
+    uncertain: str = "ignore"
+    blank: str = "negative"
+    test_fraction: float = 0.1
+    images: Optional[Path] = None
+    image_col: Optional[str] = None
+    label_cols: Optional[str] = None
+    label_col: Optional[str] = None
+    label_sep: str = "|"
+    patient_col: Optional[str] = None
+    split_col: Optional[str] = None
+    view_col: Optional[str] = None
+    age_col: Optional[str] = None
+    sex_col: Optional[str] = None
+
+    def options(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "dataset"}
+
+
+_READER_PARAMS = {
+    "dataset": (str, typer.Option("--dataset", help=(
+        "auto (detect), nih, chexpert, mimic, padchest, csv or folders."))),
+    "uncertain": (str, typer.Option("--uncertain", help=(
+        "Uncertain (-1) labels: ignore (left out of loss and AUC), ones or zeros."))),
+    "blank": (str, typer.Option("--blank", help=(
+        "Blank label cells (not mentioned): negative, or unknown (left out)."))),
+    "test_fraction": (float, typer.Option("--test-fraction", help=(
+        "Share of patients held out as test when the collection ships no test split."))),
+    "images": (Optional[Path], typer.Option("--images", help=(
+        "--dataset csv: folder the image paths are relative to (default: the CSV's)."))),
+    "image_col": (Optional[str], typer.Option("--image-col", help="--dataset csv: image path column.")),
+    "label_cols": (Optional[str], typer.Option("--label-cols", help=(
+        "--dataset csv: label columns A,B,C holding 1/0/-1/blank."))),
+    "label_col": (Optional[str], typer.Option("--label-col", help=(
+        "--dataset csv: one text column of labels, split on --label-sep."))),
+    "label_sep": (str, typer.Option("--label-sep", help="Separator of --label-col ('|', '/').")),
+    "patient_col": (Optional[str], typer.Option("--patient-col", help="--dataset csv: patient id column.")),
+    "split_col": (Optional[str], typer.Option("--split-col", help="--dataset csv: train/val/test column.")),
+    "view_col": (Optional[str], typer.Option("--view-col", help="--dataset csv: view column (PA, AP, ...).")),
+    "age_col": (Optional[str], typer.Option("--age-col", help="--dataset csv: age column.")),
+    "sex_col": (Optional[str], typer.Option("--sex-col", help="--dataset csv: sex column.")),
+}
+
+
+def reader_options(command):
+    """Add the reader options to a command; it receives them as ``source: ReaderOptions``."""
+    signature = inspect.signature(command, eval_str=True)  # resolve Annotated options
+    params = [p for p in signature.parameters.values() if p.name != "source"]
+    defaults = ReaderOptions()
+    params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                 default=getattr(defaults, name), annotation=Annotated[kind, opt])
+               for name, (kind, opt) in _READER_PARAMS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        source = ReaderOptions(**{name: kwargs.pop(name) for name in _READER_PARAMS
+                                  if name in kwargs})
+        return command(*args, source=source, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)
+    return wrapper

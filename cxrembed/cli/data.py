@@ -8,10 +8,14 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, SplitSeedOpt, TestListOpt,
-                                 TrainValListOpt, ValFractionOpt, ViewOpt, app, console,
-                                 load_dataset, print_json)
-from cxrembed.labels import LABELS
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, ReaderOptions, SplitSeedOpt,
+                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
+                                 console, load_dataset, print_json, reader_options)
+
+#: How the generic CSV twin is read (its column names), for the summary ``synth`` prints.
+_CSV_TWIN = ReaderOptions(dataset="csv", image_col="image", label_col="findings",
+                          patient_col="patient_id", split_col="split", view_col="view",
+                          age_col="age", sex_col="sex")
 
 
 @app.command()
@@ -20,17 +24,21 @@ def synth(
     images: Annotated[int, typer.Option("--images", help="Number of images.")] = 2000,
     size: Annotated[int, typer.Option("--size", help="Side of the square PNGs.")] = 256,
     seed: Annotated[int, typer.Option("--seed", help="Everything drawn depends on it.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help=(
+        "Layout to write: nih, chexpert, mimic, padchest, csv or folders."))] = "nih",
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Write a synthetic NIH ChestX-ray14 twin (same layout and files, planted findings)."""
-    from cxrembed.data import load_nih
-    from cxrembed.data.synth import make_twin
+    """Write a synthetic twin in a real layout (NIH by default) with planted findings."""
+    from cxrembed.data.synth_formats import make_format_twin
 
-    folder = make_twin(out, images=images, size=size, seed=seed)
-    _show_summary(load_nih(folder).summary(), json_out)
+    folder = make_format_twin(out, fmt, images=images, size=size, seed=seed)
+    source = _CSV_TWIN if fmt == "csv" else ReaderOptions(dataset=fmt)
+    dataset = load_dataset(folder, None, None, None, "all", 0.1, 7, False, source=source)
+    _show_summary(dataset.summary(), json_out)
 
 
 @app.command()
+@reader_options
 def info(
     data: DataArg,
     csv: CsvOpt = None,
@@ -40,14 +48,16 @@ def info(
     val_fraction: ValFractionOpt = 0.1,
     split_seed: SplitSeedOpt = 7,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    source: ReaderOptions = None,
 ) -> None:
     """Show what a data folder holds: images found / missing, patients, positives per split."""
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
-                           allow_missing=True, keep_missing=True)
+                           allow_missing=True, keep_missing=True, source=source)
     _show_summary(dataset.summary(), json_out)
 
 
 @app.command()
+@reader_options
 def cache(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", help="Pixel cache file to write.")] = Path("pixels.h5"),
@@ -64,12 +74,13 @@ def cache(
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace a cache of other images.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    source: ReaderOptions = None,
 ) -> None:
     """Decode every image once into a 224x224 uint8 HDF5 cache (resumes if interrupted)."""
     from cxrembed.data.cache import build_pixel_cache
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
-                           allow_missing)
+                           allow_missing, source=source)
     path = build_pixel_cache(dataset, out, decoder=decoder, workers=workers, overwrite=overwrite,
                              progress=not no_progress)
     console.print(f"[green]cached[/] {len(dataset):,} images in {path} "
@@ -80,20 +91,30 @@ def _show_summary(summary: dict, json_out: bool) -> None:
     if json_out:
         print_json(summary)
         return
-    console.print(f"[bold]{summary['root']}[/]: {summary['images']:,} images "
-                  f"({summary['images_present']:,} on disk), {summary['patients']:,} patients, "
-                  f"PA {summary['views']['PA']:,} / AP {summary['views']['AP']:,}")
+    views = " / ".join(f"{v} {c:,}" for v, c in summary["views"].items())
+    console.print(f"[bold]{summary['root']}[/] ({summary.get('dataset', 'nih')}): "
+                  f"{summary['images']:,} images ({summary['images_present']:,} on disk), "
+                  f"{summary['patients']:,} patients, {views}")
+    for note in summary.get("notes", []):
+        console.print(f"[dim]note:[/] {note}", highlight=False)
     if summary["images_missing"]:
         console.print(f"[yellow]{summary['images_missing']:,} images named by the metadata are "
                       f"not on disk[/] (first: {', '.join(summary['missing_examples'])}); "
                       "commands that read pixels need --allow-missing to use the rest")
-    table = Table(title="positives per class and split")
-    table.add_column("class")
     splits = summary["splits"]
+    unknown = any(sum(splits[s].get("unknown", {}).values()) for s in splits)
+    table = Table(title="positives per class and split"
+                  + (" (unknown labels in brackets)" if unknown else ""))
+    table.add_column("class")
     for split in splits:
         table.add_column(f"{split} ({splits[split]['images']:,} img, "
                          f"{splits[split]['patients']:,} pat)", justify="right")
-    for name in LABELS:
-        table.add_row(name, *(f"{splits[s]['positives'][name]:,}" for s in splits))
+    for name in summary["label_names"]:
+        cells = []
+        for s in splits:
+            cell = f"{splits[s]['positives'][name]:,}"
+            missing = splits[s].get("unknown", {}).get(name, 0)
+            cells.append(cell + (f" [dim]({missing:,})[/]" if missing else ""))
+        table.add_row(name, *cells)
     table.add_row("No Finding", *(f"{splits[s]['no_finding']:,}" for s in splits), style="dim")
     console.print(table)

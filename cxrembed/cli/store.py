@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, SplitSeedOpt, TestListOpt,
-                                 TrainValListOpt, ValFractionOpt, ViewOpt, app, console,
-                                 load_dataset, print_json)
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, ReaderOptions, SplitSeedOpt,
+                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
+                                 console, load_dataset, print_json, reader_options)
 
 StoreArg = Annotated[Path, typer.Argument(help="The store (.h5) written by `cxrembed encode`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -18,6 +18,7 @@ NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress 
 
 
 @app.command()
+@reader_options
 def encode(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Store file to write.")] = Path("store.h5"),
@@ -56,13 +57,14 @@ def encode(
         "(refused otherwise: its val/test could hold images the run trained on).")] = False,
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
+    source: ReaderOptions = None,
 ) -> None:
     """Encode every image once into an HDF5 store (vectors, labels, metadata) + FAISS index."""
     from cxrembed.encode import encode_dataset
     from cxrembed.model import load_encoder
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
-                           allow_missing)
+                           allow_missing, source=source)
     if device is None:
         import torch
 
