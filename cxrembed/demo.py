@@ -9,18 +9,19 @@ With ``data=/path/to/NIH, model="ViT-B-32", pretrained="openai"`` the same pipel
 for real, with the paper's settings (a GPU is needed for the adaptation to finish in
 reasonable time).
 
-Layout of the output folder (``cxrembed report`` reads it)::
+Layout of the output folder (``cxrembed report`` scans it)::
 
-    summary.json            what ran, how long, every protocol's AUCs (the report's source)
+    summary.json            what ran, how long, the dataset, each protocol's AUCs, searches
     nih-twin/               the synthetic data (demo mode only)
     pixels.h5               the pixel cache
-    adapt/                  the adaptation run (config.json, metrics.jsonl, model.safetensors)
+    adapt/                  the adaptation run (config.json, metrics.jsonl, summary.json,
+                            model.safetensors, model.json, state/)
     store-frozen.h5/.faiss  the frozen encoder's store
     store-adapted.h5/.faiss the adapted encoder's store
-    eval/*.json             zero-shot and adapted-head results
-    fewshot/                the sweep (fewshot.json, CSVs, plot)
+    eval/*.json             zero-shot (frozen, adapted) and adapted-head results
+    fewshot/                the sweep (fewshot.json, CSVs, config.json, plot)
     search/*.png            montages of a few searches
-    thumbnails.json, roc.json, fewshot_curves.json   report inputs
+    thumbnails.json         the searched images as small PNGs, for the report
     report.html
 """
 
@@ -129,7 +130,6 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     prints nothing.
     """
     from cxrembed.adapt import AdaptConfig, adapt
-    from cxrembed.compare import PUBLISHED_FEWSHOT, published_columns
     from cxrembed.data import load_nih
     from cxrembed.data.cache import build_pixel_cache
     from cxrembed.encode import encode_dataset
@@ -230,9 +230,6 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
             "description": f"{head} head on {top} shots per class from train, mean over "
                            f"{config.seeds} draws",
             "source": "fewshot/fewshot.json"}
-    (out / "fewshot_curves.json").write_text(json.dumps(
-        {"curves": curves, "seeds": config.seeds,
-         "paper": {str(k): v for k, v in PUBLISHED_FEWSHOT.items()}}, indent=1))
 
     # 5. searches and report inputs
     searches, thumbs = steps.run("similarity search", f"cxrembed search {stores['adapted']} "
@@ -240,10 +237,9 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
                                  lambda: _searches(stores["adapted"], dataset, out,
                                                    config.searches, pixels))
     (out / "thumbnails.json").write_text(json.dumps(thumbs))
-    # The ROC protocol is fixed in advance (the paper's headline model), not chosen by test.
-    _write_roc(out, "adapted head", stores, evals)
 
     summary = {
+        "format": "cxrembed.demo",
         "title": "cxrembed demo" + (" (synthetic NIH twin, tiny model, CPU)"
                                     if config.synthetic else f" ({data})"),
         "description": ("Synthetic data and a randomly initialised tiny CLIP: these numbers "
@@ -254,17 +250,13 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
         "config": {k: v for k, v in config.__dict__.items()}, "device": device,
         "dataset": dataset.summary(), "adapt_run": "adapt", "steps": steps.records,
         "adapt": result.to_dict() | {"history": None},
-        "protocols": protocols, "roc_protocol": "adapted head",
-        "published": {c.method: {"mean": c.mean, "per_class": c.per_class}
-                      for c in published_columns()},
-        "fewshot_curves": "fewshot_curves.json", "roc": "roc.json",
-        "searches": searches, "thumbnails": "thumbnails.json",
+        "protocols": protocols, "searches": searches, "thumbnails": "thumbnails.json",
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     from cxrembed.report import write_report
 
-    report = steps.run("HTML report", f"cxrembed report {out}", lambda: write_report(out))
+    report = steps.run("HTML report", f"cxrembed report {out}", lambda: write_report(out).path)
     summary["steps"] = steps.records
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -328,23 +320,6 @@ def _searches(store_path: Path, dataset: Any, out: Path, count: int, pixels: Pat
     ids = list(needed)
     images = source.read(np.array([needed[i] for i in ids]))
     return records, thumbnails(dict(zip(ids, images)))
-
-
-def _write_roc(out: Path, protocol: str, stores: dict[str, Path], evals: dict) -> None:
-    """Test labels and scores of one stored-score protocol, for the report's ROC curves."""
-    from cxrembed.fewshot import as_eval_data
-    from cxrembed.heads import make_head
-
-    store = evals[protocol][1]
-    data = as_eval_data(store, need_text=protocol.startswith("zero-shot"))
-    rows = data.rows("test")
-    if protocol == "adapted head":
-        scores = data.logits(rows)
-    else:
-        scores = make_head("zeroshot", text=data.text).predict(data.vectors(rows)[1])
-    (out / "roc.json").write_text(json.dumps({
-        "protocol": protocol, "labels": data.labels[rows].tolist(),
-        "scores": np.asarray(scores).round(5).tolist()}))
 
 
 def check_config(config: DemoConfig) -> None:

@@ -1,39 +1,55 @@
-"""The demo end to end on a small twin: every number the report shows comes from the run's
-own JSON files, and nothing there is chosen by test AUC."""
+"""The demo end to end on a small twin, through the `cxrembed demo` command: every number
+the report shows comes from the run's own JSON files, and nothing there is chosen by test
+AUC; `cxrembed report` renders the same folder, and its parts one by one."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 
-from cxrembed.demo import DemoConfig, run_demo
+from cxrembed.demo import DemoConfig
 from cxrembed.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(images=240, size=64, epochs=1, seeds=2, shots=(1, 4))
-    return run_demo(out, config, progress=False)
+    done = subprocess.run([sys.executable, "-m", "cxrembed", "demo", "--out", str(out),
+                           "--images", "240", "--size", "64", "--epochs", "1", "--seeds", "2",
+                           "--shots", "1,4", "--no-progress"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    return SimpleNamespace(out=out, steps=summary["steps"], summary=summary,
+                           stderr=done.stderr)
 
 
+@pytest.mark.slow
 def test_demo_writes_every_step_and_the_report(demo_run):
     out = demo_run.out
     names = [s["name"] for s in demo_run.steps]
     assert names[:3] == ["synthetic NIH twin", "pixel cache", "domain adaptation"]
     assert "few-shot sweep" in names and names[-1] == "HTML report"
     for path in ("report.html", "summary.json", "adapt/metrics.jsonl", "adapt/model.safetensors",
-                 "store-frozen.h5", "store-adapted.h5", "fewshot/fewshot.json", "roc.json"):
+                 "store-frozen.h5", "store-adapted.h5", "fewshot/fewshot.json",
+                 "thumbnails.json"):
         assert (out / path).exists(), path
     html = (out / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "data:image/png;base64," in html
     assert "http://" not in html and "https://" not in html  # self-contained
+    assert f"Report: {out / 'report.html'}" in demo_run.stderr.replace("\n", "")
 
 
+@pytest.mark.slow
 def test_report_numbers_trace_back_to_the_runs_json(demo_run):
     out = demo_run.out
-    summary = json.loads((out / "summary.json").read_text())
+    summary = demo_run.summary
     html = (out / "report.html").read_text()
     for name, protocol in summary["protocols"].items():
         source = json.loads((out / protocol["source"]).read_text())
@@ -48,11 +64,48 @@ def test_report_numbers_trace_back_to_the_runs_json(demo_run):
         assert f"{protocol['mean']:.3f}" in html, name
 
 
+@pytest.mark.slow
 def test_nothing_is_chosen_by_test_auc(demo_run):
-    summary = json.loads((demo_run.out / "summary.json").read_text())
-    fewshot_rows = [n for n in summary["protocols"] if n.startswith("few-shot")]
+    fewshot_rows = [n for n in demo_run.summary["protocols"] if n.startswith("few-shot")]
     assert len(fewshot_rows) == 4  # every trained head, not the best one
-    assert json.loads((demo_run.out / "roc.json").read_text())["protocol"] == "adapted head"
+    html = (demo_run.out / "report.html").read_text()
+    # The ROC drawn is the adapted head's, of the one store that has a head.
+    assert html.count("<h2>ROC curves: adapted head") == 1
+    assert f"{demo_run.out / 'store-adapted.h5'}</span></h2>" in html
+
+
+@pytest.mark.slow
+def test_report_command_on_the_demo_folder_and_on_its_parts(demo_run, tmp_path):
+    out = demo_run.out
+    env = {**os.environ, "COLUMNS": "200"}
+    done = subprocess.run([sys.executable, "-m", "cxrembed", "report", str(out), "--out",
+                           str(tmp_path / "all.html")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for line in ("found: demo summary", "found: adaptation run", "found: embedding store",
+                 "found: few-shot result", "found: zeroshot result",
+                 "found: adapted-head result"):
+        assert line in done.stderr, line
+    assert "ignored: " + str(out / "pixels.h5") in done.stderr
+    assert "not found" not in done.stderr  # a demo folder has every input
+    page = (tmp_path / "all.html").read_text()
+    # Zero-shot on each encoder, every column named by its encoder.
+    labels = re.findall(r"<th>zeroshot<br><span class=sub>(E\d)[^<]*</span>", page)
+    assert sorted(set(labels)) == ["E1", "E2"]  # one twice: eval JSON and the sweep's row
+    encoders = dict(re.findall(r"<li><b>(E\d)</b> = ([^<]*?) <span", page))
+    assert sorted(encoders.values()) == ["cxr-tiny adapted (adapt)", "cxr-tiny random init"]
+    # The step-by-step route: the same parts, no demo summary.
+    parts = [out / "adapt", out / "store-adapted.h5", out / "fewshot",
+             out / "eval" / "adapted-head.json"]
+    done = subprocess.run([sys.executable, "-m", "cxrembed", "report", *map(str, parts),
+                           "--out", str(tmp_path / "parts.html")], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "not found: pipeline steps" in done.stderr
+    page = (tmp_path / "parts.html").read_text()
+    assert "Domain adaptation" in page and "Few-shot heads" in page
+    head = json.loads((out / "eval" / "adapted-head.json").read_text())
+    assert f"<td class='best'>{head['mean_auc']:.3f}</td>" in page or \
+        f"<td class=''>{head['mean_auc']:.3f}</td>" in page
 
 
 def test_demo_refuses_a_data_folder_that_is_not_there(tmp_path):

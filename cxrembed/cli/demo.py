@@ -21,16 +21,21 @@ def demo(
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip tag, local weights file, or none.")] = "none",
     images: Annotated[int, typer.Option("--images", help="Synthetic twin size.")] = 2000,
+    size: Annotated[int, typer.Option("--size", help="Synthetic twin image side (px).")] = 128,
     epochs: Annotated[int, typer.Option("--epochs", help="Adaptation epochs.")] = 10,
     seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count.")] = 10,
+    shots: Annotated[str, typer.Option(
+        "--shots", help="Few-shot shots per class, comma-separated.")] = "1,2,4,8,16",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Run the whole method end to end and write an HTML report (synthetic data by default)."""
+    from cxrembed.cli.evaluate import _int_list
     from cxrembed.demo import DemoConfig, check_config, run_demo
 
     config = DemoConfig(data=str(data) if data else None, model=model, pretrained=pretrained,
-                        images=images, epochs=epochs, seeds=seeds, device=device)
+                        images=images, size=size, epochs=epochs, seeds=seeds, device=device,
+                        shots=_int_list(shots, "--shots"))
     check_config(config)
     result = run_demo(out, config, progress=not no_progress,
                       announce=lambda line: console.print(f"[bold cyan]{line}[/]",
@@ -51,12 +56,29 @@ def demo(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="A folder written by `cxrembed demo`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write "
-                                                "(default: RUN_DIR/report.html).")] = None,
+    inputs: Annotated[list[Path], typer.Argument(
+        help="Results to show: few-shot folders, zeroshot/evaluate JSON, adapt run folders, "
+             "stores (.h5), a demo folder; folders are scanned.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="HTML file to write (default: report.html in the first folder given, "
+                      "or beside the first file).")] = None,
+    allow_mixed: Annotated[bool, typer.Option(
+        "--allow-mixed", help="Show results scored on different test sets in one table "
+                              "(refused by default: their AUCs are not comparable).")] = False,
 ) -> None:
-    """Write one self-contained HTML report of a run folder."""
+    """Write one self-contained HTML report of the results given."""
+    from rich.markup import escape
+
     from cxrembed.report import write_report
 
-    path = write_report(run_dir, out)
-    console.print(f"[green]wrote[/] {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    result = write_report(inputs, out, allow_mixed=allow_mixed)
+    for kind, path in result.found:
+        console.print(f"found: {kind} [dim]{escape(path)}[/]", highlight=False)
+    for path, why in result.ignored:
+        console.print(f"[dim]ignored: {escape(str(path))} ({escape(why)})[/]", highlight=False)
+    for line in result.missing:
+        console.print(f"[yellow]not found:[/] {escape(line)}", highlight=False)
+    for line in result.warnings:
+        console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
+    size = result.path.stat().st_size / 1e6
+    console.print(f"[green]wrote[/] {escape(str(result.path))} ({size:.1f} MB)", highlight=False)
