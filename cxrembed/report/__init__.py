@@ -84,9 +84,8 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike],
         body += _fewshot_sections(inputs, comparison)
     for store in stores:
         if store.get("roc") is not None:
-            labels, scores = store["roc"]
-            uri = figures.roc_curves(labels, scores, f"ROC on test: adapted head "
-                                                     f"({Path(store['path']).name})")
+            uri = figures.roc_curves(store["roc"], f"ROC on test: adapted head "
+                                                   f"({Path(store['path']).name})")
             body.append(sections.roc_section(store["path"], uri))
     body.append(sections.search_section(demo.get("searches", []), inputs.thumbnails))
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta name=viewport "
@@ -156,8 +155,22 @@ def store_facts(path: Path) -> dict[str, Any]:
                  "skipped": _json_attr(store.attrs, "skipped_images", path) or []}
         test = store.select(split="test")
         if store.has_head and len(test):
-            facts["roc"] = (np.asarray(store.labels[test]), store.head_logits(test))
+            facts["roc"] = _head_scores(store, test)
     return facts
+
+
+def _head_scores(store: Any, rows: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(class, labels, head logits) of ``rows`` for each head column the store labels,
+    rows whose label is unknown left out."""
+    logits = store.head_logits(rows)
+    lowered = [n.lower() for n in store.label_names]
+    out = []
+    for j, name in enumerate(store.head_label_names):
+        if name.lower() in lowered:
+            k = lowered.index(name.lower())
+            known = np.asarray(store.label_known[rows, k], dtype=bool)
+            out.append((name, np.asarray(store.labels[rows, k])[known], logits[known, j]))
+    return out
 
 
 def embedding_health(attrs: dict[str, Any], path: Path) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.labels import LABELS
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Any, list[Any]]:
@@ -39,8 +38,10 @@ def adaptation_curves(history: list[dict[str, Any]]) -> str:
     epochs = [h["epoch"] for h in history]
     ax1.plot(epochs, [h.get("train_loss") for h in history], "o-", color="#2b6cb0")
     ax1.set(xlabel="epoch", ylabel="train loss (focal BCE)", title="training loss")
+    names = list(dict.fromkeys(c for h in history for c in (h.get("val_auc") or {})))
     per_class = np.array([[np.nan if (h.get("val_auc") or {}).get(c) is None
-                           else h["val_auc"][c] for c in LABELS] for h in history], dtype=float)
+                           else h["val_auc"][c] for c in names] for h in history], dtype=float)
+    per_class = per_class.reshape(len(history), len(names))
     for k in range(per_class.shape[1]):
         ax2.plot(epochs, per_class[:, k], color="#a0aec0", lw=0.8)
     ax2.plot(epochs, [h.get("val_mean_auc") for h in history], "o-", color="#c05621", lw=2.5,
@@ -83,18 +84,17 @@ def fewshot_curves(summary: list[dict[str, Any]], paper: dict[int, float], title
     return png_uri(fig)
 
 
-def roc_curves(labels: np.ndarray, scores: np.ndarray, title: str) -> str:
-    """One ROC curve per class with both outcomes present."""
+def roc_curves(classes: list[tuple[str, np.ndarray, np.ndarray]], title: str) -> str:
+    """One ROC curve per (class name, 0/1 labels, scores) with both outcomes present."""
     from matplotlib import colormaps
     from sklearn.metrics import roc_curve
 
     fig, (ax,) = _figure(6.5, 5.5)
     cmap = colormaps["tab20"]
-    for k, cls in enumerate(LABELS):
-        y = labels[:, k]
+    for k, (name, y, scores) in enumerate(classes):
         if 0 < y.sum() < len(y):
-            fpr, tpr, _ = roc_curve(y, scores[:, k])
-            ax.plot(fpr, tpr, color=cmap(k), lw=1.2, label=cls)
+            fpr, tpr, _ = roc_curve(y, scores)
+            ax.plot(fpr, tpr, color=cmap(k % 20), lw=1.2, label=name)
     ax.plot([0, 1], [0, 1], "k:", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right", ncol=2)

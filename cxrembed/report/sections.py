@@ -8,8 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from cxrembed.labels import LABELS
-
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2733;
 background:#f5f7fa}
@@ -76,17 +74,19 @@ def dataset_section(demo: dict[str, Any]) -> str:
     ds = demo.get("dataset")
     if not ds:
         return ""
+    names = list(dict.fromkeys(n for v in ds["splits"].values() for n in v["positives"]))
     rows = "".join(
         f"<tr><td>{esc(name)}</td>" + "".join(
-            f"<td>{ds['splits'][s]['positives'][name]:,}</td>" for s in ds["splits"]) + "</tr>"
-        for name in LABELS)
+            f"<td>{ds['splits'][s]['positives'].get(name, 0):,}</td>" for s in ds["splits"])
+        + "</tr>" for name in names)
     head = "".join(f"<th>{esc(s)}<br><span class=sub>{v['images']:,} img · "
                    f"{v['patients']:,} pat</span></th>" for s, v in ds["splits"].items())
     sources = ds.get("sources", {})
     return (f"<h2>Dataset</h2><div class=card><div class=sub>{esc(ds['root'])}</div>"
             f"<p><span class=kpi><b>{ds['images']:,}</b>images</span><span class=kpi><b>"
-            f"{ds['patients']:,}</b>patients</span><span class=kpi><b>{ds['views']['PA']:,} / "
-            f"{ds['views']['AP']:,}</b>PA / AP</span></p><p class=note>Splits are "
+            f"{ds['patients']:,}</b>patients</span><span class=kpi><b>"
+            f"{' / '.join(f'{n:,}' for n in ds['views'].values())}</b>"
+            f"{esc(' / '.join(ds['views']))}</span></p><p class=note>Splits are "
             "patient-disjoint: test is the official test list; val is a seeded "
             f"{float(sources.get('val_fraction', 'nan')):.0%} of train_val patients "
             f"(split seed {esc(sources.get('seed', '?'))}).</p>"
