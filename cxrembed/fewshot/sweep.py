@@ -99,6 +99,25 @@ def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
     return kwargs
 
 
+def sweep_head(name: str, config: FewShotConfig, data: EvalData, shots: int, seed: int,
+               init_state: dict | None = None) -> Any:
+    """The unfitted head the sweep fits on draw ``seed`` at ``shots``: its options, its own
+    seed, the prompt vectors it needs. ``cxrembed fit`` makes its heads here too."""
+    from cxrembed.heads import make_head
+
+    head_seed = int(seeded_rng(config.seed, seed, shots, 7).integers(2**31))
+    return make_head(name, **_head_kwargs(name, config, data, head_seed, init_state))
+
+
+def draw_sample(data: EvalData, config: FewShotConfig, shots: int, seed: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the sweep's draw ``seed`` at ``shots``: train shots and the val sample."""
+    orders = [shot_orders(data.labels, data.rows(split), seeded_rng(config.seed, seed, stream),
+                          config.no_finding) for split, stream in (("train", 0), ("val", 1))]
+    rows_val = take_shots(orders[1], shots) if len(data.rows("val")) else np.zeros(0, np.int64)
+    return take_shots(orders[0], shots), rows_val
+
+
 def run_fewshot(source: Any, config: FewShotConfig | None = None, *,
                 out: str | os.PathLike | None = None, prompts: Any = None,
                 progress: bool = False, keep_scores: bool = False, **options: Any
@@ -200,20 +219,13 @@ class _Sweep:
         config, data = self.config, self.data
         if "mlp" in self.trained:
             import torch  # noqa: F401  (loaded now so single_thread() can pin its threads)
-        orders = [(shot_orders(data.labels, self.train, seeded_rng(config.seed, seed, 0),
-                               config.no_finding),
-                   shot_orders(data.labels, self.val, seeded_rng(config.seed, seed, 1),
-                               config.no_finding) if len(self.val) else None)
-                  for seed in range(config.seeds)]
         total = len(config.shots) * config.seeds * len(self.trained)
         with progress_bar(total, "few-shot sweep", enabled=progress and total > 0,
                           unit="fit") as advance:
             for shots in config.shots:
                 draws = []
-                for seed, (train_orders, val_orders) in enumerate(orders):
-                    rows_train = take_shots(train_orders, shots)
-                    rows_val = (take_shots(val_orders, shots) if val_orders
-                                else np.zeros(0, np.int64))
+                for seed in range(config.seeds):
+                    rows_train, rows_val = draw_sample(data, config, shots, seed)
                     self.samples.append(_sample_record(data, shots, seed, rows_train,
                                                        rows_val))
                     draws.append(_Draw(data, seed, rows_train, rows_val))
@@ -223,12 +235,9 @@ class _Sweep:
 
     def _fit_head(self, name: str, shots: int, draws: list["_Draw"]) -> None:
         """One head on every seed's draw at this shot count; scores handed to scoring."""
-        from cxrembed.heads import HEADS, make_head
+        from cxrembed.heads import HEADS
 
-        heads = [make_head(name, **_head_kwargs(
-                     name, self.config, self.data,
-                     int(seeded_rng(self.config.seed, d.seed, shots, 7).integers(2**31)),
-                     self.init_state))
+        heads = [sweep_head(name, self.config, self.data, shots, d.seed, self.init_state)
                  for d in draws]
         raw = heads[0].input == "raw"
         fit_many = getattr(HEADS[name], "fit_many", None)
