@@ -114,13 +114,20 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
     is the reference. Both give the same geometry; pixel values agree to within 1-2
     grey levels (different area-resize rounding).
     """
+    return _resize_crop(read_image(path, decoder)[0], size)
+
+
+def read_image(path: str | Path, decoder: str = "opencv") -> tuple[np.ndarray, str]:
+    """One image file at full size: H×W uint8 grey, and the DICOM ViewPosition ("" for
+    other formats)."""
     path = str(path)
     if decoder not in DECODERS:
         raise DataError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
     from cxrembed.data.dicom import is_dicom, read_dicom
 
     if is_dicom(path):
-        return _resize_crop(read_dicom(path).gray, size)
+        image = read_dicom(path)
+        return image.gray, image.view_position
     if decoder == "opencv":
         import cv2
 
@@ -149,4 +156,4 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(f"cannot decode image {path}: {exc}; re-download it or drop it "
                             "from the lists") from None
-    return _resize_crop(gray, size)
+    return gray, ""
