@@ -115,3 +115,60 @@ def test_bad_requests_are_refused_by_name(store_path, tmp_path):
         fit_head(store_path, "svm", all_rows=True)
     with pytest.raises(ConfigError, match="neither a head folder"):
         load_head(tmp_path)
+
+
+def test_evaluate_reports_the_stored_thresholds_operating_points(store_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxrembed.cli import app
+    from cxrembed.fewshot.operating import evaluate_saved_head
+
+    saved = fit_head(store_path, "tip", shots=8, seed=0, threshold="specificity=0.9",
+                     out=tmp_path / "h")
+    result = evaluate_saved_head(store_path, tmp_path / "h", bootstrap=100)
+    vectors, _ = _test_vectors(store_path)
+    with EmbeddingStore.open(store_path) as store:
+        y = store.labels[store.select(split="test")].astype(bool)
+    name = saved.label_names[0]
+    called = saved.scores(vectors)[:, 0] >= saved.calibration[name].threshold
+    point = result.operating[name]
+    assert point["sensitivity"]["value"] == pytest.approx((called & y[:, 0]).sum() / y[:, 0].sum())
+    assert point["npv"]["value"] == pytest.approx((~called & ~y[:, 0]).sum() / (~called).sum())
+    assert point["specificity"]["ci_low"] <= point["specificity"]["value"] <= \
+        point["specificity"]["ci_high"]
+    cal = result.calibration
+    assert cal["after"]["mean_ece"] < cal["before"]["mean_ece"]
+    assert sum(cal["after"]["reliability"]["pooled"]["count"]) == y.size
+    cli = CliRunner().invoke(app, ["evaluate", str(store_path), "--head", str(tmp_path / "h"),
+                                   "--bootstrap", "50", "--json"])
+    assert cli.exit_code == 0, cli.output
+    doc = json.loads(cli.stdout)
+    assert set(doc["operating_points"]) == set(saved.label_names)
+    assert doc["source"]["thresholds_fitted_on"] == "val" and "reliability" in doc["calibration"]["after"]
+    table = CliRunner().invoke(app, ["evaluate", str(store_path), "--head", str(tmp_path / "h"),
+                                     "--bootstrap", "0"])
+    assert table.exit_code == 0 and "specificity=0.9" in table.output, table.output
+
+
+def test_cli_fit_writes_a_head_and_refuses_a_missing_draw(store_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cxrembed.cli import app
+
+    done = CliRunner().invoke(app, ["fit", str(store_path), "--head", "knn", "--shots", "4",
+                                    "--seed", "2", "--out", str(tmp_path / "k"),
+                                    "--options", '{"k": 3}', "--threshold", "f1"])
+    assert done.exit_code == 0, done.output
+    card = json.loads((tmp_path / "k" / "head.json").read_text())
+    assert card["options"] == {"k": 3} and card["calibration"]["threshold_rule"] == "f1"
+    assert card["seed"] == 2 and card["shots"] == 4 and len(card["train_ids"]) > 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    bad = subprocess.run([sys.executable, "-m", "cxrembed", "fit", str(store_path), "--head",
+                          "linear", "--out", str(tmp_path / "x")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "give --shots K" in bad.stderr
+    assert not (tmp_path / "x").exists()

@@ -48,6 +48,31 @@ def _show_eval(result: Any, json_out: bool, title: str) -> None:
     console.print(table)
 
 
+def _show_operating(result: Any) -> None:
+    """Operating points at the stored thresholds, and calibration error before/after."""
+    def cell(m: dict) -> str:
+        if m.get("value") is None:
+            return "n/a"
+        ci = "" if m.get("ci_low") is None else f" ({m['ci_low']:.2f}-{m['ci_high']:.2f})"
+        return f"{m['value']:.3f}{ci}"
+
+    cal = result.calibration
+    table = Table(title=f"at the thresholds fitted on val ({cal['threshold_rule']}); "
+                        f"calibration {cal['method']}")
+    for col in ("class", "sensitivity", "specificity", "PPV", "NPV", "ECE raw", "ECE cal."):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name, point in result.operating.items():
+        before, after = cal["before"]["ece"][name], cal["after"]["ece"][name]
+        if point.get("threshold") is None:
+            table.add_row(name, point.get("note", ""), "", "", "", _f(before, 3), _f(after, 3))
+            continue
+        table.add_row(name, *(cell(point[k]) for k in ("sensitivity", "specificity", "ppv",
+                                                        "npv")), _f(before, 3), _f(after, 3))
+    table.add_row("[bold]mean", "", "", "", "", _f(cal["before"]["mean_ece"], 3),
+                  _f(cal["after"]["mean_ece"], 3))
+    console.print(table)
+
+
 @app.command()
 def zeroshot(
     store: StoreArg,
@@ -73,7 +98,8 @@ def evaluate(
     store: StoreArg,
     head: Annotated[str, typer.Option(
         "--head", help="Head to evaluate: adapted (the adapted run's own head, its logits "
-                       "stored).")] = "adapted",
+                       "stored), or a head folder of `cxrembed fit` (adds its thresholds' "
+                       "sensitivity/specificity/PPV/NPV and calibration error).")] = "adapted",
     split: SplitOpt = "test",
     bootstrap: BootstrapOpt = 1000,
     seed: SeedOpt = 0,
@@ -83,9 +109,20 @@ def evaluate(
     """The adapted model's own head on a split (the figure the paper calls zero-shot)."""
     from cxrembed.fewshot import evaluate_adapted_head
 
+    if Path(head).is_dir():
+        from cxrembed.fewshot.operating import evaluate_saved_head
+
+        result = evaluate_saved_head(store, head, split=split, bootstrap=bootstrap, seed=seed)
+        if out is not None:
+            result.save(out)
+        _show_eval(result, json_out, f"{result.source['kind']} head {head}")
+        if not json_out:
+            _show_operating(result)
+        return
     if head != "adapted":
         raise ConfigError(f"unknown --head {head!r}; `evaluate` scores the stored adapted head "
-                          "(--head adapted); for few-shot heads use `cxrembed fewshot`")
+                          "(--head adapted) or a head folder of `cxrembed fit`; for the "
+                          "few-shot sweep use `cxrembed fewshot`")
     result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed)
     if out is not None:
         result.save(out)
