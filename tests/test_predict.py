@@ -202,3 +202,32 @@ def test_first_batch_sanity_warnings_once_each(world, tmp_path):
     assert any("look inverted" in m for m in messages)
     assert any("1 of 8 images of the first batch look lateral" in m for m in messages)
     assert any("far from the training data" in m for m in messages)
+
+
+def test_the_adapted_runs_own_head_fits_and_predicts(world, tmp_path):
+    from cxrembed.adapt import AdaptConfig, adapt
+    from cxrembed.encode import encode_dataset
+    from cxrembed.heads.saved import load_head
+    from cxrembed.model import load_encoder
+
+    config = AdaptConfig.from_dict(dict(model="cxr-tiny", pretrained="none", workers=0,
+                                        epochs=1, batch_size=16))
+    adapt(world["dataset"], tmp_path / "run", config, progress=False)
+    encoder = load_encoder(checkpoint=tmp_path / "run")
+    store = tmp_path / "adapted.h5"
+    encode_dataset(world["dataset"], store, encoder, batch_size=32, progress=False, workers=0)
+    saved = fit_head(store, "adapted", out=tmp_path / "h")
+    with EmbeddingStore.open(store) as opened:
+        rows = opened.select(split="test")
+        np.testing.assert_allclose(saved.scores(opened.embeddings(rows, normalized=False)),
+                                   opened.head_logits(rows), atol=5e-3)
+    from_run = load_head(tmp_path / "run")  # the run folder itself: uncalibrated, no calls
+    assert from_run.kind == "adapted" and from_run.fingerprint == saved.fingerprint
+    a = predict_images(world["test_paths"][:4], tmp_path / "run", tmp_path / "a.csv",
+                       encoder=encoder)
+    b = predict_images(world["test_paths"][:4], tmp_path / "h", tmp_path / "b.csv",
+                       encoder=encoder)
+    assert a.errors == b.errors == 0
+    with pytest.raises(StoreError, match="different encoders"):
+        predict_images(world["test_paths"][:1], tmp_path / "h", tmp_path / "c.csv",
+                       encoder=world["encoder"])
