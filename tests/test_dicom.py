@@ -157,3 +157,22 @@ def test_16_bit_png_with_12_bits_in_use_is_not_dark(tmp_path):
     dark16 = (twelve // 2).astype(np.uint16)
     out = decode(write_png(tmp_path / "dark.png", dark16, 16))
     np.testing.assert_array_equal(out, _expect(dark16 / 65535))
+
+
+@pytest.mark.real_nih
+def test_real_nih_pngs_and_their_dicom_conversions_decode_alike(shared_nih, tmp_path):
+    """Each real NIH PNG converted to DICOM the way a converter would (the PNG's grey
+    values as 8-bit MONOCHROME2 pixel data) decodes to the PNG's pixels."""
+    from PIL import Image
+
+    pngs = sorted((shared_nih / "sample").rglob("*.png"))
+    assert len(pngs) >= 30
+    for png in pngs:
+        with Image.open(png) as im:
+            mode, gray = im.mode, np.asarray(im.convert("L"))
+        dcm = write_dicom(tmp_path / (png.stem + ".dcm"), gray)
+        a, b = decode(png).astype(int), decode(dcm).astype(int)
+        if mode == "L":
+            np.testing.assert_array_equal(a, b)
+        else:  # RGBA: OpenCV's and PIL's grey conversions round differently
+            assert np.abs(a - b).max() <= 1, png.name
