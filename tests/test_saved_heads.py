@@ -166,6 +166,9 @@ def test_cli_fit_writes_a_head_and_refuses_a_missing_draw(store_path, tmp_path):
     card = json.loads((tmp_path / "k" / "head.json").read_text())
     assert card["options"] == {"k": 3} and card["calibration"]["threshold_rule"] == "f1"
     assert card["seed"] == 2 and card["shots"] == 4 and len(card["train_ids"]) > 0
+    again = CliRunner().invoke(app, ["fit", str(store_path), "--head", "knn", "--all", "--out",
+                                     str(tmp_path / "k")])
+    assert isinstance(again.exception, ConfigError) and "--overwrite" in str(again.exception)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     bad = subprocess.run([sys.executable, "-m", "cxrembed", "fit", str(store_path), "--head",
                           "linear", "--out", str(tmp_path / "x")], env=env, capture_output=True,

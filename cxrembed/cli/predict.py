@@ -50,6 +50,7 @@ def fit(
         "--options", help="The head's options as JSON, e.g. '{\"k\": 20}'.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(
         "--prompts", help="Prompts JSON for zeroshot/tip (else the store's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a head in --out.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the card as JSON.")] = False,
 ) -> None:
     """Fit one head on the store's train split, calibrate it on val, save it."""
@@ -57,7 +58,7 @@ def fit(
 
     saved = fit_head(store, head, shots=shots, seed=seed, all_rows=all_rows,
                      calibration=calibration, threshold=threshold, options=_options(options),
-                     prompts=prompts, out=out)
+                     prompts=prompts, out=out, overwrite=overwrite)
     if json_out:
         print_json(saved.card)
         return

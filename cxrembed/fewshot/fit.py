@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,13 +101,14 @@ def fit_head(store_path: str | os.PathLike, kind: str, *, shots: int | None = No
              seed: int = 0, all_rows: bool = False, calibration: str = "platt",
              threshold: str = "youden", options: dict[str, Any] | None = None,
              config: FewShotConfig | None = None, prompts: Any = None,
-             out: str | os.PathLike | None = None) -> Any:
+             out: str | os.PathLike | None = None, overwrite: bool = False) -> Any:
     """Fit one head on the store's train split and calibrate it on val.
 
     ``shots``/``seed``: the sweep's draw; ``all_rows``: every train row. ``options`` are
     the head's own (e.g. ``{"Cs": [0.1, 1]}``); ``config`` gives the sweep settings that
     shape draws and seeds (base ``seed``, ``no_finding``, ``init``). With ``out`` the head
-    is saved there. Returns the :class:`~cxrembed.heads.saved.SavedHead`.
+    is saved there (an existing head there is refused unless ``overwrite``). Returns the
+    :class:`~cxrembed.heads.saved.SavedHead`.
     """
     from cxrembed import __version__
     from cxrembed.calibration import fit_calibration
@@ -114,6 +116,9 @@ def fit_head(store_path: str | os.PathLike, kind: str, *, shots: int | None = No
     from cxrembed.heads.saved import CARD_FORMAT, CARD_VERSION, SCORE_KIND, SavedHead, export_head
     from cxrembed.store import EmbeddingStore
 
+    if out is not None and (Path(out) / "head.json").exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a head; pass --overwrite to replace it, or "
+                          "another --out")
     if kind not in FIT_HEADS:
         raise ConfigError(f"unknown head {kind!r}; expected one of: {', '.join(FIT_HEADS)}")
     trained = kind not in ("zeroshot", "adapted")
