@@ -251,21 +251,6 @@ def _format_rows(paths: list[str], facts: list[dict], prediction: Any, names: li
     return rows
 
 
-def _load_encoder(saved: Any, encoder: Any, device: str) -> Any:
-    from cxrembed.store import check_same_encoder
-
-    if encoder is None:
-        from cxrembed.model import load_encoder
-
-        if not saved.load_args:
-            raise ConfigError("the head's card does not record how to load its encoder; pass "
-                              "the encoder yourself")
-        encoder = load_encoder(**saved.load_args, device=device)
-    check_same_encoder(saved.fingerprint, encoder,
-                       what=("the head's encoder (from its card)", "the encoder loaded"))
-    return encoder
-
-
 def _neighbours(store: Any, unit: np.ndarray, k: int) -> tuple[list, list, np.ndarray]:
     from cxrembed.search import search_vectors
 
@@ -326,7 +311,7 @@ def predict_images(inputs: list[str | os.PathLike], head: str | os.PathLike,
     batches = [b for b in batches if any(p not in done for p in b)]
     try:
         if batches:
-            encoder = _load_encoder(saved, encoder, device)
+            encoder = saved.load_encoder(device, encoder)
         with ThreadPoolExecutor(max(workers, 1)) as pool, \
                 progress_bar(len(todo), "predict", enabled=progress) as advance:
             for number, batch in enumerate(batches):

@@ -7,6 +7,7 @@ arrays). Load it with :func:`load_head`; :meth:`SavedHead.predict` takes the enc
 image vectors and returns calibrated probabilities and positive/negative calls::
 
     head = load_head("heads/linear-16")
+    encoder = head.load_encoder("cpu")   # the encoder it was fitted for, checked
     out = head.predict(vectors)          # vectors: (n, D) raw encoder output
     out.probability, out.positive        # (n, C) float64, (n, C) bool
 
@@ -161,6 +162,22 @@ class SavedHead:
     @property
     def load_args(self) -> dict | None:
         return self.card.get("load_args")
+
+    def load_encoder(self, device: str = "cpu", encoder: Any = None) -> Any:
+        """The encoder this head was fitted for, loaded from the card (or ``encoder``,
+        checked): StoreError when its fingerprint is not the card's."""
+        from cxrembed.store import check_same_encoder
+
+        if encoder is None:
+            from cxrembed.model import load_encoder
+
+            if not self.load_args:
+                raise ConfigError("the head's card does not record how to load its encoder; "
+                                  "pass the encoder yourself")
+            encoder = load_encoder(**self.load_args, device=device)
+        check_same_encoder(self.fingerprint, encoder,
+                           what=("the head's encoder (from its card)", "the encoder loaded"))
+        return encoder
 
     def scores(self, vectors: Any) -> np.ndarray:
         """``(n, C)`` head scores of raw encoder vectors (unit-normalised where the head
