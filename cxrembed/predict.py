@@ -173,12 +173,12 @@ class _Output:
             return [json.loads(x) for x in self.work.read_text().splitlines() if x.strip()]
         if not self.work.is_file():
             return rows
-        text = self.work.read_text(encoding="utf-8")
-        if not text.endswith("\n"):  # a row cut off by a kill: drop it, it is redone
-            text = text[:text.rfind("\n") + 1]
-            with open(self.work, "r+", encoding="utf-8") as f:
-                f.truncate(len(text.encode("utf-8")))
-        lines = text.splitlines()
+        data = self.work.read_bytes()
+        if not data.endswith(b"\n"):  # a row cut off by a kill: drop it, it is redone
+            data = data[:data.rfind(b"\n") + 1]
+            with open(self.work, "r+b") as f:
+                f.truncate(len(data))
+        lines = data.decode("utf-8").splitlines()
         if self.json:
             return [json.loads(x) for x in lines if x.strip()]
         if not lines:
@@ -197,11 +197,11 @@ class _Output:
             fresh = not self.work.exists() or self.work.stat().st_size == 0
             self.file = open(self.work, "a", encoding="utf-8", newline="")
             if fresh and not self.json:
-                csv.writer(self.file).writerow(self.columns)
+                csv.writer(self.file, lineterminator="\n").writerow(self.columns)
         if self.json:
             self.file.write("".join(json.dumps(r) + "\n" for r in rows))
         else:
-            writer = csv.writer(self.file)
+            writer = csv.writer(self.file, lineterminator="\n")
             writer.writerows([[r[c] for c in self.columns] for r in rows])
         self.file.flush()
         os.fsync(self.file.fileno())

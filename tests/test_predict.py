@@ -231,3 +231,14 @@ def test_the_adapted_runs_own_head_fits_and_predicts(world, tmp_path):
     with pytest.raises(StoreError, match="different encoders"):
         predict_images(world["test_paths"][:1], tmp_path / "h", tmp_path / "c.csv",
                        encoder=world["encoder"])
+
+
+def test_a_row_cut_off_mid_write_is_redone(world, tmp_path):
+    paths = world["test_paths"][:10]
+    full = tmp_path / "full.csv"
+    predict_images(paths, world["head"], full, encoder=world["encoder"], batch_size=4)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.csv"
+    cut.write_bytes(data[:data.index(b"\n", len(data) // 2) + 25])  # mid-row, mid-batch
+    result = predict_images(paths, world["head"], cut, encoder=world["encoder"], batch_size=4)
+    assert cut.read_bytes() == data and 0 < result.written < len(paths)
