@@ -16,6 +16,10 @@ class ConfigError(CxrembedError):
     """An option or configuration value is out of range or inconsistent."""
 
 
+class PromptsError(ConfigError):
+    """A prompts file or mapping (``--prompts``) is malformed or names an unknown label."""
+
+
 class ModelError(CxrembedError):
     """A model name, weights tag or checkpoint cannot be used."""
 

@@ -73,24 +73,16 @@ def format_finding_labels(row: np.ndarray) -> str:
     return "|".join(names) if names else NO_FINDING
 
 
-# Prompt templates (CheXzero style): a positive and a negative prompt per class.
-POSITIVE_TEMPLATES: tuple[str, ...] = ("a chest x-ray showing {disease}",)
-NEGATIVE_TEMPLATES: tuple[str, ...] = ("no {disease}",)
 NO_FINDING_PROMPT = "no finding"
 
 
 def default_prompts(label_names: tuple[str, ...] | list[str] | None = None
                     ) -> dict[str, tuple[list[str], list[str]]]:
-    """Per class: (positive prompts, negative prompts) from the default templates.
+    """Per class: (positive prompts, negative prompts), see :mod:`cxrembed.prompts`.
 
     ``label_names`` are any dataset's classes (default: NIH's 14); the prompt pair of a
     class is made from its name, lower case, underscores as spaces.
     """
-    prompts = {}
-    for name in (LABELS if label_names is None else label_names):
-        disease = name.lower().replace("_", " ")
-        prompts[name] = (
-            [t.format(disease=disease) for t in POSITIVE_TEMPLATES],
-            [t.format(disease=disease) for t in NEGATIVE_TEMPLATES],
-        )
-    return prompts
+    from cxrembed.prompts import default_prompts as defaults
+
+    return defaults(LABELS if label_names is None else label_names)

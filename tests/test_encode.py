@@ -155,7 +155,8 @@ def test_default_prompts_and_text_embeddings_stored(reference, fake_module):
 
 
 def test_prompts_file(nih, tmp_path, fake_module):
-    from cxrembed.encode import load_prompts
+    from cxrembed.prompts import class_prompts as _cp
+    load_prompts = _cp
 
     per_class = tmp_path / "p.json"
     per_class.write_text(json.dumps({"edema": {"positive": ["fluid in the lungs"],

@@ -73,16 +73,25 @@ def cache(
     decoder: Annotated[str, typer.Option("--decoder", help="opencv (fast) or pil.")] = "opencv",
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace a cache of other images.")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Record unreadable images (listed here and in the cache) instead "
+        "of stopping at the first.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     source: ReaderOptions = None,
 ) -> None:
     """Decode every image once into a 224x224 uint8 HDF5 cache (resumes if interrupted)."""
-    from cxrembed.data.cache import build_pixel_cache
+    from cxrembed.data.cache import PixelCache, build_pixel_cache
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
                            allow_missing, source=source)
     path = build_pixel_cache(dataset, out, decoder=decoder, workers=workers, overwrite=overwrite,
-                             progress=not no_progress)
+                             progress=not no_progress, skip_bad=skip_bad)
+    cached = PixelCache(path)
+    skipped = cached.skipped
+    cached.close()
+    for image_id, reason in skipped.items():
+        console.print(f"[yellow]skipped[/] {image_id}: {reason}", highlight=False,
+                      soft_wrap=True)
     console.print(f"[green]cached[/] {len(dataset):,} images in {path} "
                   f"({path.stat().st_size / 2**30:.2f} GiB)")
 

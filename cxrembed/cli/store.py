@@ -11,6 +11,7 @@ from rich.table import Table
 from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, ReaderOptions, SplitSeedOpt,
                                  TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
                                  console, load_dataset, print_json, reader_options)
+from cxrembed.store.index import INDEX_KINDS
 
 StoreArg = Annotated[Path, typer.Argument(help="The store (.h5) written by `cxrembed encode`.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -37,9 +38,10 @@ def encode(
     split: Annotated[Optional[list[str]], typer.Option(
         "--split", help="Encode only this split (repeat for several): train, val, test.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="JSON file of class prompts (per class, or templates).")] = None,
+        "--prompts", help="JSON file of prompts: {label: [positive, negative]} and/or "
+        "{\"templates\": ...} (see cxrembed.prompts).")] = None,
     index: Annotated[str, typer.Option(
-        "--index", help="FAISS index to build at the end: flat (exact), ivf, hnsw or none.")] = "flat",
+        "--index", help=f"FAISS index to build at the end: {', '.join(INDEX_KINDS)} or none.")] = "flat",
     workers: Annotated[int, typer.Option("--workers", help="Threads reading ahead of the model.")] = 2,
     device: Annotated[Optional[str], typer.Option(
         "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")] = None,
@@ -55,6 +57,9 @@ def encode(
     allow_other_data: Annotated[bool, typer.Option(
         "--allow-other-data", help="With --checkpoint: encode data split unlike the run's "
         "(refused otherwise: its val/test could hold images the run trained on).")] = False,
+    skip_bad: Annotated[bool, typer.Option(
+        "--skip-bad", help="Leave out unreadable images (listed in the output and the "
+        "store) instead of stopping at the first.")] = False,
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
     source: ReaderOptions = None,
@@ -65,33 +70,50 @@ def encode(
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
                            allow_missing, source=source)
-    if device is None:
-        import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    encoder = load_encoder(model, pretrained, checkpoint=checkpoint, device=device,
-                           trust_pickle=trust_pickle)
+    def encoder():  # loaded by encode_dataset once the cheap checks have passed
+        chosen = device
+        if chosen is None:
+            import torch
+
+            chosen = "cuda" if torch.cuda.is_available() else "cpu"
+        return load_encoder(model, pretrained, checkpoint=checkpoint, device=chosen,
+                            trust_pickle=trust_pickle)
+
     result = encode_dataset(dataset, out, encoder, pixel_cache=cache, batch_size=batch_size,
                             resume=resume, overwrite=overwrite, limit=limit, splits=split,
                             prompts=prompts, index=None if index == "none" else index,
                             workers=workers, progress=not no_progress,
-                            allow_other_data=allow_other_data)
+                            allow_other_data=allow_other_data, skip_bad=skip_bad)
     if json_out:
         print_json(result.to_dict())
         return
+    for skipped in result.skipped:
+        console.print(f"[yellow]skipped[/] {skipped['image_id']}: {skipped['reason']}",
+                      highlight=False, soft_wrap=True)
     done = (f"{result.encoded:,} images encoded in {result.seconds:.1f} s "
             f"({result.images_per_s:,.1f} images/s)")
     if result.resumed_from:
         done += f", {result.resumed_from:,} were already done"
     console.print(f"[green]store[/] {result.store}: {result.rows:,} rows; {done}"
                   + (f"; index {result.index}" if result.index else ""))
+    stages = result.stage_seconds
+    if stages:
+        console.print(f"time per stage: read (waiting for images) {stages['read']:.1f} s, "
+                      f"infer {stages['infer']:.1f} s, write {stages['write']:.1f} s")
+    health = result.embedding_health
+    if health and health.get("mean_cosine") is not None:
+        style = "bold red" if health["collapsed"] else "dim"
+        console.print(f"[{style}]embedding health: mean cosine {health['mean_cosine']:.3f}, "
+                      f"effective rank {health['effective_rank']:.1f} "
+                      f"({health['sample_size']:,} images)[/]")
 
 
 @app.command("index")
 def index_command(
     store: StoreArg,
     kind: Annotated[str, typer.Option("--kind", "--index",
-                                      help="flat (exact), ivf or hnsw.")] = "flat",
+                                      help=f"One of {', '.join(INDEX_KINDS)}.")] = "flat",
     nlist: Annotated[Optional[int], typer.Option("--nlist", help="ivf: k-means cells.")] = None,
     nprobe: Annotated[Optional[int], typer.Option("--nprobe", help="ivf: cells visited per query.")] = None,
     m: Annotated[Optional[int], typer.Option("--hnsw-m", help="hnsw: links per node.")] = None,

@@ -34,20 +34,63 @@ CACHE_FORMAT = 1
 BLOCK = 256  # rows decoded per task and flushed together
 
 
-def _decode_block(job: tuple[int, list[str], int, str]) -> tuple[int, np.ndarray]:
-    start, paths, size, decoder = job
-    return start, np.stack([decode(p, size=size, decoder=decoder) for p in paths])
+def _decode_block(job: tuple[int, list[str], int, str, bool]
+                  ) -> tuple[int, np.ndarray, dict[int, str]]:
+    """Decode one block; with ``skip_bad`` an unreadable image becomes a black tile and
+    ``{offset in block: why}``."""
+    start, paths, size, decoder, skip_bad = job
+    out = np.zeros((len(paths), size, size), np.uint8)
+    bad: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            out[i] = decode(path, size=size, decoder=decoder)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            bad[i] = str(exc)
+    return start, out, bad
+
+
+def _cache_rows(out: Path, ids: np.ndarray, size: int, decoder: str) -> np.ndarray | None:
+    """Rows of an existing cache for ``ids`` (None: there is none to resume), refusing a
+    cache of other settings or one lacking some of the images."""
+    import h5py
+
+    try:
+        with h5py.File(out, "r") as f:
+            same = f.attrs.get("size") == size and f.attrs.get("decoder") == decoder
+            cached = f["image_id"].asstr()[:]
+    except (OSError, KeyError) as exc:
+        raise DataError(f"{out} exists but is not a readable pixel cache ({exc}); "
+                        "pass --overwrite to replace it") from None
+    if not same:
+        raise DataError(f"{out} holds a pixel cache of other settings (size, decoder); pass "
+                        "--overwrite to replace it, or choose another --out")
+    row = {name: r for r, name in enumerate(cached)}
+    absent = [name for name in ids if name not in row]
+    if absent:
+        raise DataError(f"{out} holds a pixel cache of other images: {len(absent)} image(s) "
+                        f"of this dataset are not in it (first: {', '.join(absent[:3])}); pass "
+                        "--overwrite to build it again, or choose another --out")
+    if len(ids) < len(cached):
+        log.info("%d images of cache %s are no longer in the dataset; they stay uncached",
+                 len(cached) - len(ids), out)
+    return np.fromiter((row[name] for name in ids), np.int64, count=len(ids))
 
 
 def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int = IMAGE_SIZE,
                       decoder: str = "opencv", workers: int | None = None,
-                      overwrite: bool = False, progress: bool = True) -> Path:
+                      overwrite: bool = False, progress: bool = True,
+                      skip_bad: bool = False) -> Path:
     """Decode every image of ``dataset`` into ``out`` (resuming a partial build).
 
     Args:
         workers: decoding processes (default: all cores; 0 decodes in this process).
         overwrite: start again when ``out`` holds a cache of other images or settings;
-            without it, such a file is refused rather than destroyed.
+            without it, such a file is refused rather than destroyed. A cache holding every
+            image of ``dataset`` (and more: images removed since) is resumed.
+        skip_bad: record unreadable images (attribute ``skipped``: ``{image_id: why}``)
+            instead of stopping at the first; reading them from the cache is refused.
     Returns the cache path. Rows already done in an earlier, interrupted build are kept.
     """
     import h5py
@@ -59,49 +102,65 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
                         f"{', '.join(absent[:5])}); load it with --allow-missing to cache the rest")
     n = len(dataset)
     ids = dataset.image_id.astype(str)
-    mode = "a" if out.exists() and not overwrite else "w"
-    if mode == "a":
-        try:
-            with h5py.File(out, "r") as f:
-                same = (f.attrs.get("size") == size and f.attrs.get("decoder") == decoder
-                        and f["image_id"].shape == (n,)
-                        and np.array_equal(f["image_id"].asstr()[:], ids))
-        except (OSError, KeyError) as exc:
-            raise DataError(f"{out} exists but is not a readable pixel cache ({exc}); "
-                            "pass --overwrite to replace it") from None
-        if not same:
-            raise DataError(f"{out} holds a pixel cache of other images or settings; pass "
-                            "--overwrite to replace it, or choose another --out")
+    rows = None if overwrite or not out.exists() else _cache_rows(out, ids, size, decoder)
     workers = (os.cpu_count() or 1) if workers is None else workers
     # Workers start before the file is opened, so that none of them inherits its handle
     # (and its lock): after a kill -9 the rerun can open the file at once.
-    with _pool(workers) as pool, h5py.File(out, mode) as f:
-        if mode == "w":
-            f.attrs.update(format=CACHE_FORMAT, size=size, decoder=decoder,
-                           preprocessing=json.dumps(PREPROCESSING), complete=False)
-            f.create_dataset("image_id", data=ids.astype(object), dtype=h5py.string_dtype())
-            f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
-            f.create_dataset("pixels", shape=(n, size, size), dtype=np.uint8)
-            f.flush()
-        done = f["done"][:]
-        todo = np.flatnonzero(~done)
+    with _pool(workers) as pool, h5py.File(out, "w" if rows is None else "a") as f:
+        if rows is None:
+            _create(f, ids, size, decoder)
+            rows = np.arange(n)
+        todo = np.sort(rows[~f["done"][:][rows]])
         if len(todo) < n:
             log.info("resuming: %d of %d rows already cached", n - len(todo), n)
-        # Blocks of consecutive rows still to do (a resumed build has holes).
+        path_of = dict(zip(rows.tolist(), dataset.path))
+        # Blocks of cache rows still to do (a resumed build has holes).
         blocks = [todo[i:i + BLOCK] for i in range(0, len(todo), BLOCK)]
-        jobs = [(int(b[0]), list(dataset.path[b]), size, decoder) for b in blocks]
-        pixels, flags = f["pixels"], f["done"]
+        jobs = [(int(b[0]), [path_of[r] for r in b.tolist()], size, decoder, skip_bad)
+                for b in blocks]
         with progress_bar(n, "caching pixels", enabled=progress) as advance:
             advance(n - len(todo))
-            for block, (_, arr) in zip(blocks, pool.map(_decode_block, jobs)):
-                _write_rows(pixels, block, arr)
-                f.flush()  # pixels reach the file before their done flags
-                _write_rows(flags, block, np.ones(len(block), dtype=bool))
-                f.flush()
+            for block, (_, arr, bad) in zip(blocks, pool.map(_decode_block, jobs)):
+                _commit_block(f, block, arr, bad, f["image_id"])
                 advance(len(block))
         f.attrs["complete"] = True
+    skipped = json.loads(_attr(out, "skipped") or "{}")
+    if skipped:
+        log.warning("%d unreadable image(s) skipped in cache %s (first: %s)", len(skipped), out,
+                    next(iter(skipped.items())))
     log.info("pixel cache of %d images at %s", n, out)
     return out
+
+
+def _create(f, ids: np.ndarray, size: int, decoder: str) -> None:
+    import h5py
+
+    n = len(ids)
+    f.attrs.update(format=CACHE_FORMAT, size=size, decoder=decoder,
+                   preprocessing=json.dumps(PREPROCESSING), complete=False, skipped="{}")
+    f.create_dataset("image_id", data=ids.astype(object), dtype=h5py.string_dtype())
+    f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
+    f.create_dataset("pixels", shape=(n, size, size), dtype=np.uint8)
+    f.flush()
+
+
+def _commit_block(f, block: np.ndarray, arr: np.ndarray, bad: dict[int, str], image_id) -> None:
+    """Pixels, then (for skipped images) their reasons, then the done flags."""
+    _write_rows(f["pixels"], block, arr)
+    if bad:
+        skipped = json.loads(f.attrs.get("skipped") or "{}")
+        skipped.update({image_id.asstr()[int(block[i])]: why for i, why in bad.items()})
+        f.attrs["skipped"] = json.dumps(skipped)
+    f.flush()  # pixels reach the file before their done flags
+    _write_rows(f["done"], block, np.ones(len(block), dtype=bool))
+    f.flush()
+
+
+def _attr(path: Path, name: str):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f.attrs.get(name)
 
 
 class _InProcess:
@@ -173,6 +232,9 @@ class PixelCache:
                             f"({stored}); rebuild it with `cxrembed cache ... --overwrite`")
         self.image_id = self._file["image_id"].asstr()[:]
         self.size = int(self._file.attrs["size"])
+        self.done = self._file["done"][:]
+        #: ``{image_id: why}``: images that could not be decoded (``cache --skip-bad``)
+        self.skipped: dict[str, str] = json.loads(self._file.attrs.get("skipped") or "{}")
         self._pixels = self._file["pixels"]
         self._row = {name: r for r, name in enumerate(self.image_id)}
 
@@ -188,9 +250,20 @@ class PixelCache:
             raise DataError(f"image {exc.args[0]} is not in pixel cache {self.path}; rebuild "
                             "the cache for this dataset") from None
 
+    def check_rows(self, rows: np.ndarray) -> None:
+        """DataError naming the first of ``rows`` that holds no image (skipped, not cached)."""
+        for row in rows[~self.done[rows]].tolist()[:1]:
+            raise DataError(f"image {self.image_id[row]} is not in pixel cache {self.path} "
+                            "(not in the dataset when the cache was built); rebuild the cache")
+        for row in rows.tolist() if self.skipped else []:
+            if self.image_id[row] in self.skipped:
+                raise DataError(f"image {self.image_id[row]} was skipped when pixel cache "
+                                f"{self.path} was built: {self.skipped[self.image_id[row]]}")
+
     def read(self, rows: np.ndarray) -> np.ndarray:
         """uint8 (k, S, S) pixels of cache rows, in the order given."""
         rows = np.asarray(rows, dtype=np.int64)
+        self.check_rows(rows)
         if len(rows) == 0:
             return np.zeros((0, self.size, self.size), np.uint8)
         order = np.argsort(rows, kind="stable")
@@ -222,7 +295,8 @@ class ImageSource:
         if self.cache is not None:
             if self.cache.size != size:
                 raise DataError(f"pixel cache {self.cache.path} holds {self.cache.size}px images, "
-                                f"{size}px are needed; rebuild it with --size {size}")
+                                f"{size}px are needed; rebuild it with `cxrembed cache "
+                                "--overwrite`")
             self._cache_rows = self.cache.rows_for(dataset.image_id)
 
     def __len__(self) -> int:
@@ -233,6 +307,24 @@ class ImageSource:
         rows = np.asarray(rows, dtype=np.int64)
         if self.cache is not None:
             return self.cache.read(self._cache_rows[rows])
-        return np.stack([decode(self.dataset.path[r], size=self.size, decoder=self.decoder)
-                         for r in rows]) if len(rows) else np.zeros((0, self.size, self.size),
-                                                                    np.uint8)
+        out = np.zeros((len(rows), self.size, self.size), np.uint8)
+        for i, row in enumerate(rows.tolist()):
+            out[i] = decode(self.dataset.path[row], size=self.size, decoder=self.decoder)
+        return out
+
+    def read_checked(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Like :meth:`read`, but an unreadable image is left out instead of raising:
+        returns the pixels of the readable rows, a bool mask of them, and why each other
+        row could not be read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ok = np.ones(len(rows), dtype=bool)
+        reasons, parts = [], []
+        for i, row in enumerate(rows.tolist()):
+            try:
+                parts.append(self.read(np.array([row])))
+            except DataError as exc:
+                ok[i] = False
+                reasons.append(str(exc))
+        pixels = np.concatenate(parts) if parts else np.zeros((0, self.size, self.size),
+                                                              np.uint8)
+        return pixels, ok, reasons

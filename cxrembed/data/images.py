@@ -107,6 +107,28 @@ def _to_uint8_gray(img: np.ndarray, significant: int | None = None) -> np.ndarra
     return img
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_chunks(buf: np.ndarray, path: str) -> None:
+    """Walk a PNG's chunk headers (no decoding): a file cut short raises DataError here,
+    before OpenCV's decoder prints libpng's own message on stderr."""
+    data = buf.data.cast("B") if buf.flags.c_contiguous else bytes(buf)
+    if bytes(data[:8]) != PNG_SIGNATURE:
+        return
+    pos, end = 8, len(buf)
+    while pos + 8 <= end:
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind = bytes(data[pos + 4:pos + 8])
+        if pos + 12 + length > end:
+            break
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+    raise DataError(f"cannot decode image {path}: the PNG is truncated ({end:,} bytes, its "
+                    "last chunk cut short); re-download it or drop it from the lists")
+
+
 def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") -> np.ndarray:
     """Read one image file (PNG, JPEG, DICOM) into a ``size``×``size`` uint8 grey array.
 
@@ -134,6 +156,7 @@ def read_image(path: str | Path, decoder: str = "opencv") -> tuple[np.ndarray, s
         buf = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
         if buf is None:
             raise DataError(f"image {path} does not exist")
+        _check_png_chunks(buf, path)
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
         if img is None:
             raise DataError(f"cannot decode image {path}: not an image, or truncated; "

@@ -122,16 +122,13 @@ def store_text(store: Any, prompts: Any = None
                ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     """Prompt vectors per class from a store: stored prompts plus ``prompts`` (a dict or a
     JSON file) on top. Returns the vectors and a record of the prompts used."""
-    from cxrembed.heads.zeroshot import load_prompts, merge_prompts, parse_prompts
+    from cxrembed.prompts import merge_prompts, read_prompts
 
     if not store.has_text:
         raise StoreError(f"store {store.path} has no text tower ({store.attrs.get('model_name')}"
                          "): zero-shot and Tip-Adapter need prompt embeddings")
-    if isinstance(prompts, (str, os.PathLike)):
-        prompts = load_prompts(prompts)
-    elif prompts is not None:
-        prompts = parse_prompts(prompts)
-    merged = merge_prompts(store.prompts, prompts)
+    labels = list(store.label_names)
+    merged = merge_prompts(store.prompts, read_prompts(prompts, labels), labels=labels)
     needed = list(dict.fromkeys(p for pos, neg in merged.values() for p in pos + neg))
     stored = store.text_embeddings(normalized=True)
     new = [p for p in needed if p not in stored]

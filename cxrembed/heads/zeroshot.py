@@ -8,79 +8,26 @@ for image x is the softmax over the two cosine similarities,
     p_c(x) = exp(cos(x, pos_c)) / (exp(cos(x, pos_c)) + exp(cos(x, neg_c)))
 
 on raw cosines as CheXzero's ``run_softmax_eval`` does (a temperature would not change
-any AUC, and raw cosines never saturate to ties). :meth:`ZeroShotHead.logits` gives
+any AUC, and raw cosines never saturate to ties). Prompt files are read by
+:mod:`cxrembed.prompts`. :meth:`ZeroShotHead.logits` gives
 ``logit_scale * (cos_pos - cos_neg)``, the binary form of CLIP's logits, for Tip-Adapter.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.heads.base import check_xy, cosine, register_head
-from cxrembed.labels import LABELS, NO_FINDING, canonical, default_prompts
+from cxrembed.labels import LABELS
 
 #: CLIP's learned logit scale (100 after clamping) used for text logits in Tip-Adapter.
 CLIP_LOGIT_SCALE = 100.0
 
-Prompts = dict[str, tuple[list[str], list[str]]]
 TextEmbeddings = Mapping[str, tuple[np.ndarray, np.ndarray]]
-
-
-def parse_prompts(obj: Any, source: str = "prompts") -> Prompts:
-    """Prompts from a JSON-like object, class names in any accepted spelling.
-
-    Accepted per class: ``{"positive": [...], "negative": [...]}``, ``[[pos...], [neg...]]``
-    or ``["pos", "neg"]``. ``No Finding`` is accepted and ignored.
-    """
-    if not isinstance(obj, Mapping) or not obj:
-        raise DataError(f"{source}: expected a JSON object {{class: prompts}}, got "
-                        f"{type(obj).__name__}")
-    out: Prompts = {}
-    for key, value in obj.items():
-        if key.strip().lower() == NO_FINDING.lower():
-            continue
-        name = canonical(key)
-        if isinstance(value, Mapping):
-            pos, neg = value.get("positive"), value.get("negative")
-        elif isinstance(value, (list, tuple)) and len(value) == 2:
-            pos, neg = value
-        else:
-            raise DataError(f"{source}: prompts for {key!r} must be {{'positive': [...], "
-                            "'negative': [...]}} or [positive, negative]")
-        pos = [pos] if isinstance(pos, str) else list(pos or [])
-        neg = [neg] if isinstance(neg, str) else list(neg or [])
-        if not pos or not neg or not all(isinstance(p, str) and p.strip() for p in pos + neg):
-            raise DataError(f"{source}: class {key!r} needs at least one non-empty positive "
-                            "and one non-empty negative prompt")
-        out[name] = (pos, neg)
-    return out
-
-
-def load_prompts(path: str | os.PathLike) -> Prompts:
-    """Read a prompts JSON file (see :func:`parse_prompts` for the layout)."""
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"prompts file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"prompts file {path} is not valid JSON: {exc}") from None
-    return parse_prompts(obj, source=str(path))
-
-
-def merge_prompts(base: Prompts | None, override: Prompts | None) -> Prompts:
-    """The 14 classes' prompts: ``override`` where given, else ``base``, else defaults."""
-    merged = dict(default_prompts())
-    merged.update(base or {})
-    merged.update(override or {})
-    return {name: merged[name] for name in LABELS}
 
 
 def class_text_vectors(text: TextEmbeddings) -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,12 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
       dataset_root      the data folder encoded (for montages); ``image_path`` is relative to it
       dataset_sources   JSON: the metadata and split files it was read from
       selection         JSON: the ``splits`` and ``limit`` asked for
+      embedding_health  JSON (set when complete): ``mean_cosine`` (mean pairwise cosine of
+                        a seeded sample of rows), ``effective_rank`` (exp of the entropy
+                        of the normalised singular values of the centred sample),
+                        ``sample_size``, ``seed``, ``collapsed`` (mean_cosine > 0.95)
+      skipped_images    JSON (set when complete): ``[{"image_id", "reason"}]``, images of
+                        the selection left out (``--skip-bad``, or gone when resumed)
 
     per image, row-aligned, written once when the store is created
       image_id    S  (N,)      file name, ``00000001_000.png``
@@ -98,7 +104,7 @@ ROW_FIELDS: dict[str, str] = {
 LABEL_KNOWN = "label_known"
 #: Attributes stored as JSON strings (decoded by the reader).
 JSON_ATTRS = ("fingerprint", "preprocessing", "label_names", "dataset_sources", "selection",
-              "load_args", "head_label_names")
+              "load_args", "head_label_names", "embedding_health", "skipped_images")
 NO_FINDING_KEY = "No Finding"
 
 

@@ -16,7 +16,7 @@ from cxrembed import __version__
 from cxrembed.errors import StoreError
 from cxrembed.labels import LABELS
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
-                                   ROW_FIELDS, encode_strings, read_attrs)
+                                   ROW_FIELDS, decode_strings, encode_strings, read_attrs)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,35 @@ def _early_dcpl():
     return dcpl
 
 
+def _open_h5(path: Path) -> Any:
+    import h5py
+
+    return h5py.File(path, "r+")
+
+
+def _sidecar(path: Path) -> Path:
+    """``STORE.h5.skipped.json``: rows skipped so far by an unfinished encode, and why."""
+    return path.with_name(path.name + ".skipped.json")
+
+
+def _read_sidecar(path: Path, rows_done: int) -> dict[int, str]:
+    try:
+        raw = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot read {_sidecar(path)}: {exc}; pass --overwrite to encode "
+                         "again") from None
+    return {int(row): why for row, why in raw.items() if int(row) < rows_done}
+
+
+def _write_sidecar(path: Path, skipped: dict[int, str]) -> None:
+    tmp = _sidecar(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({str(r): why for r, why in sorted(skipped.items())}, indent=1),
+                   encoding="utf-8")
+    os.replace(tmp, _sidecar(path))
+
+
 class StoreWriter:
     """Append embedding rows to a store in order, committing whole chunks.
 
@@ -58,10 +87,15 @@ class StoreWriter:
         self.chunk_rows = int(h5file.attrs["chunk_rows"])
         self.batch_size = int(h5file.attrs["batch_size"])
         self.has_head = bool(h5file.attrs["has_head"])
+        self.num_classes = int(h5file["head_logits"].shape[1]) if self.has_head else 0
         self.rows_done = int(h5file["rows_done"][0])
         self._buffer_emb: list[np.ndarray] = []
         self._buffer_logits: list[np.ndarray] = []
         self._buffered = 0
+        #: store row -> why it was skipped (rows below ``rows_done`` are on disk, in the
+        #: ``.skipped.json`` sidecar until :meth:`finish` drops them from the store)
+        self.skipped: dict[int, str] = _read_sidecar(path, self.rows_done)
+        self._pending_skips: dict[int, str] = {}
 
     # ---------------------------------------------------------------------------------
     # Opening
@@ -151,6 +185,7 @@ class StoreWriter:
                                          dtype=h5py.string_dtype())
                     group.create_dataset("embedding",
                                          data=np.asarray(text_embeddings, dtype=np.float32))
+            _sidecar(path).unlink(missing_ok=True)
             # Only a fully created file takes the store's name: a kill during creation
             # leaves a stray ``.creating`` file, never a half-made store.
             os.replace(tmp, path)
@@ -160,9 +195,10 @@ class StoreWriter:
         return cls._open_rw(path)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, *, image_id: np.ndarray, fingerprint: dict
-               ) -> "StoreWriter":
-        """Reopen an interrupted store to continue; refuse one of other images or encoder."""
+    def resume(cls, path: str | os.PathLike, *, fingerprint: dict,
+               image_id: np.ndarray | None = None) -> "StoreWriter":
+        """Reopen an interrupted store to continue at ``rows_done``; refuse another encoder
+        (and, when ``image_id`` is given, other images)."""
         from cxrembed.store.reader import check_same_encoder
 
         path = Path(path)
@@ -172,8 +208,8 @@ class StoreWriter:
             check_same_encoder(attrs.get("fingerprint") or {}, fingerprint,
                                what=(f"store {path}", "the encoder given"))
             stored = writer._file["image_id"][:]
-            if len(stored) != len(image_id) or not np.array_equal(stored,
-                                                                   encode_strings(image_id)):
+            if image_id is not None and (len(stored) != len(image_id) or not np.array_equal(
+                    stored, encode_strings(image_id))):
                 raise StoreError(
                     f"store {path} was started on other images ({len(stored)} rows; this "
                     f"encode selects {len(image_id)}); resume with the same data, --split and "
@@ -185,10 +221,8 @@ class StoreWriter:
 
     @classmethod
     def _open_rw(cls, path: Path) -> "StoreWriter":
-        import h5py
-
         try:
-            f = h5py.File(path, "r+")
+            f = _open_h5(path)
         except OSError as exc:
             raise StoreError(f"cannot open store {path} for writing: {exc}") from exc
         try:
@@ -209,12 +243,28 @@ class StoreWriter:
     # Writing
 
     @property
+    def attrs(self) -> dict[str, Any]:
+        """The file's attributes, JSON ones parsed."""
+        return read_attrs(self._file.attrs)
+
+    def column(self, name: str) -> np.ndarray:
+        """A row-aligned metadata field of every row (strings decoded)."""
+        data = self._file[name][:]
+        return decode_strings(data) if ROW_FIELDS[name] == "S" else data
+
+    @property
     def complete(self) -> bool:
         return bool(self._file.attrs["complete"])
 
-    def append(self, embeddings: np.ndarray, head_logits: np.ndarray | None = None) -> None:
-        """Queue the next rows (float32 ``(b, D)``, logits ``(b, 14)`` when the store has a
-        head); whole chunks are written as they fill."""
+    def append(self, embeddings: np.ndarray, head_logits: np.ndarray | None = None,
+               skipped: dict[int, str] | None = None) -> None:
+        """Queue the next rows (float32 ``(b, D)``, logits ``(b, C)`` when the store has a
+        head); whole chunks are written as they fill.
+
+        ``skipped`` names rows of this batch (store rows) whose image could not be read, and
+        why; their vectors should be zeros. They are dropped from the store by
+        :meth:`finish` and listed in its ``skipped_images`` attribute.
+        """
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.embed_dim:
             raise StoreError(f"embeddings of shape {embeddings.shape}; the store holds "
@@ -227,23 +277,57 @@ class StoreWriter:
             raise StoreError(f"more rows than the store's {self.num_rows}")
         self._buffer_emb.append(embeddings)
         self._buffered += len(embeddings)
+        self._pending_skips.update(skipped or {})
         while self._buffered >= self.chunk_rows:
             self._commit(self.chunk_rows)
 
-    def finish(self) -> None:
-        """Write what is buffered, check every row is there, and set the complete flag."""
+    def mark_skipped(self, skipped: dict[int, str]) -> None:
+        """Drop rows already written (below ``rows_done``) at :meth:`finish`, e.g. images
+        no longer in the dataset when an encode is resumed."""
+        late = [row for row in skipped if row >= self.rows_done]
+        if late:
+            raise StoreError(f"row {late[0]} is not written yet; pass it to append()")
+        self.skipped.update(skipped)
+        _write_sidecar(self.path, self.skipped)
+
+    def flush(self) -> None:
+        """Write every buffered row now (the last, partial chunk)."""
         if self._buffered:
             self._commit(self._buffered)
+
+    def finish(self, attrs: dict[str, Any] | None = None) -> None:
+        """Write what is buffered, check every row is there, drop skipped rows, record
+        ``attrs`` (JSON-able) and set the complete flag."""
+        self.flush()
         if self.rows_done != self.num_rows:
             raise StoreError(f"store {self.path} has {self.rows_done} of {self.num_rows} rows; "
                              "finish the encode with --resume")
         try:
+            for key, value in (attrs or {}).items():
+                self._file.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
+            if self.skipped:
+                from cxrembed.store.compact import drop_rows
+
+                self._file.flush()
+                self._file.close()
+                self._file = None
+                drop_rows(self.path, self.skipped, finished=_now())
+                self._file = _open_h5(self.path)
+                _sidecar(self.path).unlink(missing_ok=True)
+                return
             self._file.attrs["finished"] = _now()
             self._file.attrs["complete"] = True
             self._file.flush()
         except OSError as exc:
             raise StoreError(f"cannot mark store {self.path} complete: {exc}; free disk "
                              "space and rerun with --resume") from exc
+
+    def read_unit_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32 unit vectors of written rows (ascending), for health figures."""
+        rows = np.asarray(rows, dtype=np.int64)
+        x = self._file["embedding"][rows].astype(np.float32)
+        norms = self._file["embedding_norm"][rows]
+        return x / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
 
     def _commit(self, count: int) -> None:
         emb = np.concatenate(self._buffer_emb)
@@ -256,6 +340,13 @@ class StoreWriter:
             self._buffer_logits = [rest_logits] if len(rest_logits) else []
             logits = logits[:count]
         self._buffered -= count
+        stop = self.rows_done + count
+        new_skips = {r: why for r, why in self._pending_skips.items() if r < stop}
+        if new_skips:  # recorded before rows_done moves past them
+            self.skipped.update(new_skips)
+            _write_sidecar(self.path, self.skipped)
+            for row in new_skips:
+                del self._pending_skips[row]
         self._write_chunk(self.rows_done, emb[:count], logits)
 
     def _write_chunk(self, start: int, embeddings: np.ndarray,
@@ -287,6 +378,7 @@ class StoreWriter:
 
     def close(self) -> None:
         """Close the file; buffered rows that did not fill a chunk are dropped."""
+        self._buffer_emb, self._buffer_logits, self._buffered = [], [], 0
         if self._file is not None:
             try:
                 self._file.close()
