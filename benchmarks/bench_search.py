@@ -1,7 +1,7 @@
 """Search latency and recall of each index kind, on synthetic 512-d unit vectors.
 
 For each size (default: 112,120 = NIH and 1,000,000) it builds the exact ``flat`` index and
-the approximate ``ivf`` and ``hnsw`` ones with cxrembed's defaults (``make_index``), then
+the approximate ``ivf`` and ``hnsw`` ones with cxrembed's defaults (``IndexBuilder``, as ``build_index`` uses it), then
 measures on held-out queries from the same distribution:
 
 - build time;
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from cxrembed.store.index import default_params, make_index, search_index
+from cxrembed.store.index import IndexBuilder, default_params, search_index
 
 DIM = 512
 
@@ -101,7 +101,10 @@ def main() -> None:
         for kind in args.kinds:
             gc.collect()
             began = time.perf_counter()
-            index, params = make_index(base, kind)
+            builder = IndexBuilder(kind, base.shape[1], len(base), None, None, seed=1234)
+            builder.train(base)
+            builder.add(base)
+            index, params = builder.finish(), builder.params
             built = time.perf_counter() - began
             search_params = {k: v for k, v in params.items() if k in ("nprobe", "efSearch")}
             one, batched = latency_ms(index, queries, args.k, args.single, params=search_params)

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError, StoreError
-from cxrembed.store import EmbeddingStore, check_same_encoder, load_index, search_index
+from cxrembed.store import (EmbeddingStore, check_same_encoder, has_index, load_index,
+                            search_index)
 
 log = logging.getLogger(__name__)
 
@@ -190,13 +191,10 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
     exclude_rows = exclude_rows or [[] for _ in range(q)]
     exclude_patients = exclude_patients or [None] * q
     loaded = None
-    if index != "exact":
-        try:
-            loaded = load_index(store)
-        except StoreError:
-            if index == "index":
-                raise
-            log.info("no usable index beside %s: exact scan", store.path)
+    if index == "index" or (index == "auto" and has_index(store.path)):
+        loaded = load_index(store)  # a broken or stale index is an error, not skipped
+    elif index == "auto":
+        log.info("no index beside %s: exact scan", store.path)
     params = {**(loaded.info.params if loaded else {}), **(index_params or {})}
     masks = [_allowed_mask(store, split, rows, patient)
              for rows, patient in zip(exclude_rows, exclude_patients)]

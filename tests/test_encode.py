@@ -155,27 +155,19 @@ def test_default_prompts_and_text_embeddings_stored(reference, fake_module):
 
 
 def test_prompts_file(nih, tmp_path, fake_module):
-    from cxrembed.prompts import class_prompts as _cp
-    load_prompts = _cp
-
+    """The file is read by cxrembed.prompts (tests/test_prompts.py): here, what is stored."""
     per_class = tmp_path / "p.json"
-    per_class.write_text(json.dumps({"edema": {"positive": ["fluid in the lungs"],
-                                               "negative": ["clear lungs"]}}))
-    prompts = load_prompts(per_class)
-    assert prompts["Edema"] == (["fluid in the lungs"], ["clear lungs"])
-    assert prompts["Mass"] == default_prompts()["Mass"]  # unnamed classes keep the defaults
-    templates = tmp_path / "t.json"
-    templates.write_text(json.dumps({"templates": {"positive": ["x-ray with {disease}"],
-                                                   "negative": ["x-ray without {disease}"]}}))
-    assert load_prompts(templates)["Hernia"] == (["x-ray with hernia"], ["x-ray without hernia"])
+    per_class.write_text(json.dumps({"edema": ["fluid in the lungs", "clear lungs"]}))
     out = tmp_path / "s.h5"
     encode(nih, out, fake_module.FakeEncoder(), prompts=per_class, limit=8, index=None)
     with EmbeddingStore.open(out) as store:
         assert store.prompts["Edema"] == (["fluid in the lungs"], ["clear lungs"])
+        assert store.prompts["Mass"] == default_prompts()["Mass"]  # the others: defaults
         assert "fluid in the lungs" in store.text_embeddings()
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        load_prompts(tmp_path / "bad.json")
+        encode(nih, tmp_path / "t.h5", fake_module.FakeEncoder(), prompts=tmp_path / "bad.json")
+    assert not (tmp_path / "t.h5").exists()
 
 
 def test_limit_and_split(nih, reference, tmp_path, fake_module):

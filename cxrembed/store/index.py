@@ -72,6 +72,13 @@ def index_path(store_path: str | os.PathLike) -> Path:
     return Path(store_path).with_suffix(".faiss")
 
 
+def has_index(store_path: str | os.PathLike) -> bool:
+    """An index file (or its sidecar) lies beside the store: searches must use it, or say
+    why they cannot (a broken index is an error, never silently skipped)."""
+    path = index_path(store_path)
+    return path.exists() or _info_path(path).exists()
+
+
 def _info_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -92,7 +99,9 @@ def gpu_available() -> bool:
         return False
     try:
         return faiss.get_num_gpus() > 0
-    except Exception:  # noqa: BLE001 - a broken CUDA setup means no GPU, not a crash
+    except RuntimeError as exc:  # a broken CUDA setup means no GPU, not a crash
+        log.warning("faiss-gpu is installed but cannot count GPUs (%s): building on the CPU",
+                    exc)
         return False
 
 
@@ -121,22 +130,12 @@ def default_params(kind: str, n: int) -> dict[str, Any]:
     raise ConfigError(f"unknown index kind {kind!r}; expected one of {', '.join(INDEX_KINDS)}")
 
 
-def make_index(vectors: np.ndarray, kind: str = "flat", params: dict[str, Any] | None = None,
-               gpu: bool | None = None, seed: int = 1234) -> tuple[Any, dict[str, Any]]:
-    """Build a CPU FAISS index over unit float32 ``vectors`` (ids = row numbers).
+class IndexBuilder:
+    """Train on a sample, add in blocks, return a CPU index (ids = the order added).
 
-    ``gpu=None`` uses a GPU when there is one (flat and ivf). Returns the index and the
-    parameters used. Loads everything in memory; :func:`build_index` streams a store.
+    :func:`build_index` streams a store through it; benchmarks feed it arrays.
+    ``gpu=None`` builds on a GPU when faiss-gpu sees one (flat and ivf).
     """
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    builder = _Builder(kind, vectors.shape[1], len(vectors), params, gpu, seed)
-    builder.train(vectors)
-    builder.add(vectors)
-    return builder.finish(), builder.params
-
-
-class _Builder:
-    """Train on a sample, add in blocks, return a CPU index."""
 
     def __init__(self, kind: str, dim: int, n: int, params: dict[str, Any] | None,
                  gpu: bool | None, seed: int) -> None:
@@ -145,7 +144,7 @@ class _Builder:
         self.params = {**default_params(kind, n), **(params or {})}
         if kind == "ivf" and "nprobe" not in (params or {}):  # follow a given nlist
             self.params["nprobe"] = default_nprobe(int(self.params["nlist"]))
-        unknown = set(self.params) - set(default_params(kind, n)) - {"training_rows"}
+        unknown = set(self.params) - set(default_params(kind, n))
         if unknown:
             raise ConfigError(f"unknown {kind} index parameter(s) {', '.join(sorted(unknown))}; "
                               f"expected {', '.join(default_params(kind, n)) or 'none'}")
@@ -222,7 +221,7 @@ def build_index(store_path: str | os.PathLike, kind: str = "flat", *,
         n = len(store)
         if n == 0:
             raise StoreError(f"store {store_path} has no rows to index")
-        builder = _Builder(kind, store.embed_dim, n, params, gpu, seed=1234)
+        builder = IndexBuilder(kind, store.embed_dim, n, params, gpu, seed=1234)
         if builder.needs_training:
             builder.train(store.embeddings(builder.training_rows(n)))
         with progress_bar(n, f"indexing ({kind})", enabled=progress, unit="vec") as advance:
@@ -277,7 +276,9 @@ def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedInd
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
-        raise StoreError(f"cannot read index {path}: {exc}; rebuild it with "
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise StoreError(f"index {path} is truncated or corrupt ({path.stat().st_size:,} "
+                         f"bytes; FAISS: {reason[:160]}); rebuild it with "
                          f"`cxrembed index {store.path}`") from None
     if index.ntotal != len(store) or index.d != store.embed_dim:
         raise StoreError(f"index {path} holds {index.ntotal} × {index.d} vectors, the store "
