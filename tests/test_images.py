@@ -89,6 +89,23 @@ def test_broken_files_name_the_file(tmp_path, content):
             decode(path, decoder=decoder)
 
 
+def test_truncated_png_gives_one_clean_error_and_nothing_on_stderr(tmp_path):
+    """OpenCV's decoder printed "libpng error: ..." (and a WARN line) before the error."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "cut.png", _gradient(), "L")
+    blob = path.read_bytes()
+    script = ("import sys\nfrom cxrembed.data.images import decode\n"
+              "try:\n    decode(sys.argv[1])\nexcept Exception as e:\n    print(e)\n")
+    for cut in (200, len(blob) // 2, len(blob) - 12, len(blob) - 30):
+        path.write_bytes(blob[:cut])
+        proc = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert "cut.png" in proc.stdout and "truncated" in proc.stdout, (cut, proc.stdout)
+        assert proc.stderr == "", (cut, proc.stderr)
+
+
 def test_absent_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         decode(tmp_path / "nope.png")
