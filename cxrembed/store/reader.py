@@ -58,11 +58,6 @@ def _describe(thing: Any) -> str:
     return f"encoder {getattr(thing, 'model_name', type(thing).__name__)}"
 
 
-def _sorted_unique(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    uniq, inverse = np.unique(rows, return_inverse=True)
-    return uniq, inverse
-
-
 class EmbeddingStore:
     """A read-only store. Metadata arrays (small) are loaded; vectors are read on demand.
 
@@ -251,7 +246,7 @@ class EmbeddingStore:
         out = np.empty((len(rows),) + dset.shape[1:], dtype=dset.dtype)
         if not len(rows):
             return out
-        uniq, inverse = _sorted_unique(rows)
+        uniq, inverse = np.unique(rows, return_inverse=True)
         gathered = np.empty((len(uniq),) + dset.shape[1:], dtype=dset.dtype)
         # One contiguous slab per READ_BLOCK span of rows touched: reads at most
         # READ_BLOCK rows more than asked for at a time, and never the whole file.

@@ -73,8 +73,14 @@ Crash safety: every dataset is allocated (contiguous, early allocation) when the
 created and flushed, so an encode afterwards writes raw bytes only: a chunk's rows, a
 flush, then ``rows_done``, then a flush. A process killed at any point (``kill -9``) or a
 write failing with a full disk leaves a file whose first ``rows_done`` rows are final and
-whose metadata was never touched; ``--resume`` continues from there. ``complete`` is the
-one attribute written after creation.
+whose metadata was never touched; ``--resume`` continues from there. ``complete`` (with ``finished`` and
+``embedding_health``) is written after creation, last.
+
+Skipped images (``encode --skip-bad``, or images gone from the dataset when an encode is
+resumed) keep zero rows until the end: their rows and reasons are listed in
+``STORE.h5.skipped.json`` (written before ``rows_done`` passes them), and when every row
+is written the store is copied without them (:mod:`cxrembed.store.compact`) and the list
+moves to the ``skipped_images`` attribute.
 """
 
 from __future__ import annotations
