@@ -228,7 +228,6 @@ def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: P
     with writer, progress_bar(n, "encoding", enabled=progress) as advance:
         advance(start)
         stages = run_pipeline(reader, ClipMapper(encoder), writer, advance=advance)
-        writer.flush()
         health = _health(writer)
         if len(writer.skipped) >= n:
             raise DataError(f"none of the {n} images could be read (first: "

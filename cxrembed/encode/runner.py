@@ -34,7 +34,8 @@ class StageSeconds:
 
 def run_pipeline(reader: Iterable[Any], mapper: Callable[[Any], tuple], writer: Any, *,
                  advance: Callable[[int], None] = lambda n: None) -> StageSeconds:
-    """Map every batch of ``reader`` and append it to ``writer`` in order.
+    """Map every batch of ``reader`` and append it to ``writer`` in order, then write what
+    the writer still buffers.
 
     Skipped rows of a batch get zero vectors (and logits) and are passed to the writer as
     skipped; the model sees only the rows that were read.
@@ -65,4 +66,7 @@ def run_pipeline(reader: Iterable[Any], mapper: Callable[[Any], tuple], writer: 
                   times.batches, batch.rows[0], batch.rows[-1], batch.read_seconds,
                   inferred - began, wrote - inferred)
         advance(len(batch.rows))
+    began = time.perf_counter()
+    writer.flush()  # the last, partial chunk
+    times.write += time.perf_counter() - began
     return times
