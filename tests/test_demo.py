@@ -93,6 +93,15 @@ def test_report_command_on_the_demo_folder_and_on_its_parts(demo_run, tmp_path):
     assert sorted(set(labels)) == ["E1", "E2"]  # one twice: eval JSON and the sweep's row
     encoders = dict(re.findall(r"<li><b>(E\d)</b> = ([^<]*?) <span", page))
     assert sorted(encoders.values()) == ["cxr-tiny adapted (adapt)", "cxr-tiny random init"]
+    # Each store's embedding health, as the encode recorded it.
+    from cxrembed.store import EmbeddingStore
+
+    for name in ("store-frozen.h5", "store-adapted.h5"):
+        with EmbeddingStore.open(out / name) as store:
+            health = store.attrs["embedding_health"]
+        cells = f"{health['mean_cosine']:.3f}</td><td{' class=warn' * health['collapsed']}>" \
+                f"{health['effective_rank']:.1f}</td>"
+        assert cells in page, name
     # The step-by-step route: the same parts, no demo summary.
     parts = [out / "adapt", out / "store-adapted.h5", out / "fewshot",
              out / "eval" / "adapted-head.json"]

@@ -35,12 +35,10 @@ import numpy as np
 from cxrembed.errors import DataError
 from cxrembed.report import figures, sections
 from cxrembed.report.inputs import Inputs, find_inputs
+from cxrembed.store.health import COLLAPSED_COSINE
 
 log = logging.getLogger(__name__)
 
-#: A store whose mean pairwise cosine exceeds this is called collapsed when its health
-#: record does not say (the encode's own ``collapsed`` verdict wins when present).
-COLLAPSED_COSINE = 0.95
 
 
 @dataclass
@@ -186,6 +184,7 @@ def embedding_health(attrs: dict[str, Any], path: Path) -> dict[str, Any] | None
     rank = raw.get("effective_rank")
     collapsed = raw.get("collapsed")
     if collapsed is None:
+        # the encode's own verdict wins; a record without one is judged by its threshold
         collapsed = mean is not None and mean > COLLAPSED_COSINE
     why = raw.get("warning") or (f"collapsed: mean pairwise cosine {sections.fmt(mean)}, "
                                  f"effective rank {sections.fmt(rank, 1)}")

@@ -123,8 +123,8 @@ def _scan(root: Path, inputs: Inputs) -> None:
             path = here / name
             if name == "summary.json" and _is_demo_summary(path):
                 _add_demo(path, inputs)
-            elif name in _COMPANIONS or name.endswith(".faiss.json"):  # index sidecars
-                continue
+            elif name in _COMPANIONS or name.endswith((".faiss.json", ".skipped.json")):
+                continue  # a store's index and skipped-rows sidecars
             elif name.endswith((".json", ".h5")):
                 _add_file(path, inputs, explicit=False)
 
