@@ -175,3 +175,17 @@ def test_cli_fit_writes_a_head_and_refuses_a_missing_draw(store_path, tmp_path):
                          text=True, timeout=120)
     assert bad.returncode == 1 and "give --shots K" in bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_report_draws_the_saved_heads_operating_points_and_reliability(store_path, tmp_path):
+    from cxrembed.fewshot.operating import evaluate_saved_head
+    from cxrembed.report import write_report
+
+    fit_head(store_path, "tip", shots=8, seed=0, out=tmp_path / "h")
+    result = evaluate_saved_head(store_path, tmp_path / "h", bootstrap=50)
+    result.save(tmp_path / "eval.json")
+    report = write_report([tmp_path / "eval.json"], tmp_path / "r.html")
+    page = report.path.read_text()
+    assert "Operating points and calibration" in page and "alt='reliability diagram'" in page
+    mean_after = result.calibration["after"]["mean_ece"]
+    assert f"{mean_after:.3f}" in page  # the number the JSON holds, as the table shows it

@@ -34,6 +34,9 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 64,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted store.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+    append: Annotated[bool, typer.Option(
+        "--append", help="Add the images of DATA the finished store lacks, after its rows "
+        "(same encoder; its index extended; rerun to continue).")] = False,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Encode only the first N images.")] = None,
     split: Annotated[Optional[list[str]], typer.Option(
         "--split", help="Encode only this split (repeat for several): train, val, test.")] = None,
@@ -84,7 +87,8 @@ def encode(
                             resume=resume, overwrite=overwrite, limit=limit, splits=split,
                             prompts=prompts, index=None if index == "none" else index,
                             workers=workers, progress=not no_progress,
-                            allow_other_data=allow_other_data, skip_bad=skip_bad)
+                            allow_other_data=allow_other_data, skip_bad=skip_bad,
+                            append=append)
     if json_out:
         print_json(result.to_dict())
         return

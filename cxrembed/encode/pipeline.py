@@ -109,6 +109,7 @@ def encode_dataset(
     progress: bool = True,
     allow_other_data: bool = False,
     skip_bad: bool = False,
+    append: bool = False,
 ) -> EncodeResult:
     """Encode ``dataset`` (an :class:`~cxrembed.data.nih.NIHDataset`) into the store ``out``.
 
@@ -132,11 +133,21 @@ def encode_dataset(
         chunk_rows: rows per committed chunk (default ~1024, a multiple of the batch size).
         skip_bad: leave out images that cannot be read (listed in the result and in the
             store's ``skipped_images``) instead of stopping at the first.
+        append: add the selected images the finished store ``out`` lacks, after its rows
+            (:mod:`cxrembed.encode.append`); resumable by running it again.
     """
     from cxrembed.data.cache import ImageSource
     from cxrembed.prompts import class_prompts
 
     out = Path(out)
+    if append:
+        from cxrembed.encode.append import append_dataset
+
+        if overwrite:
+            raise ConfigError("--append adds to an existing store; drop --overwrite")
+        return append_dataset(dataset, out, encoder, pixel_cache=pixel_cache,
+                              batch_size=batch_size, limit=limit, splits=splits,
+                              workers=workers, progress=progress, skip_bad=skip_bad)
     _check_options(out, batch_size, index, resume, overwrite)
     labels = list(getattr(dataset, "label_names", None) or _nih_labels())
     text_prompts = class_prompts(prompts, labels)  # a bad file fails before the model loads

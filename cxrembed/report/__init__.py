@@ -80,6 +80,13 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike],
     if comparison is not None:
         body.append(sections.auc_table_section(comparison))
         body += _fewshot_sections(inputs, comparison)
+    for result in inputs.results:
+        if "operating_points" in result:  # `evaluate --head HEAD_DIR --out`
+            cal = result["calibration"]
+            uri = figures.reliability_diagram(cal["before"]["reliability"]["pooled"],
+                                              cal["after"]["reliability"]["pooled"],
+                                              f"reliability on {result['split']}, all classes")
+            body.append(sections.calibration_section(result, uri))
     for store in stores:
         if store.get("roc") is not None:
             uri = figures.roc_curves(store["roc"], f"ROC on test: adapted head "

@@ -99,3 +99,21 @@ def roc_curves(classes: list[tuple[str, np.ndarray, np.ndarray]], title: str) ->
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     return png_uri(fig)
+
+
+def reliability_diagram(before: dict[str, list], after: dict[str, list], title: str) -> str:
+    """Observed frequency against mean predicted probability per bin (pooled over classes),
+    the head's own probabilities and the calibrated ones; marker area ~ images in the bin."""
+    fig, (ax,) = _figure(5.5, 5.0)
+    for points, label, colour in ((before, "uncalibrated", "tab:red"),
+                                  (after, "calibrated on val", "tab:blue")):
+        if points["count"]:
+            size = 8 + 200 * np.asarray(points["count"]) / max(sum(points["count"]), 1)
+            ax.plot(points["confidence"], points["frequency"], "-", color=colour, lw=1)
+            ax.scatter(points["confidence"], points["frequency"], s=size, color=colour,
+                       label=label)
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", xlim=(0, 1),
+           ylim=(0, 1), title=title)
+    ax.legend(fontsize=8, loc="upper left")
+    return png_uri(fig)

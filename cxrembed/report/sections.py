@@ -213,6 +213,35 @@ def fewshot_section(result: dict[str, Any], encoder: str, curves_uri: str) -> st
             "</p></div>")
 
 
+def calibration_section(result: dict[str, Any], diagram_uri: str) -> str:
+    """A saved head's operating points at its val-fitted thresholds, and its calibration."""
+    cal = result["calibration"]
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if not m or m.get("value") is None:
+            return "<td>n/a</td>"
+        ci = "" if m.get("ci_low") is None else f" ({fmt(m['ci_low'], 2)}–{fmt(m['ci_high'], 2)})"
+        return f"<td>{fmt(m['value'])}{ci}</td>"
+
+    rows = "".join(
+        f"<tr><td>{esc(name)}</td>"
+        + "".join(cell(point.get(k)) for k in ("sensitivity", "specificity", "ppv", "npv"))
+        + f"<td>{fmt(cal['before']['ece'].get(name))}</td>"
+        f"<td>{fmt(cal['after']['ece'].get(name))}</td></tr>"
+        for name, point in result["operating_points"].items())
+    source = result.get("source", {})
+    return (f"<h2>Operating points and calibration <span class=sub>{esc(source.get('head', ''))}"
+            f" · {esc(result['split'])}</span></h2><div class=card><img class=fig "
+            f"src='{diagram_uri}' alt='reliability diagram'><div class=scroll><table><tr>"
+            "<th>class</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th>"
+            "<th>ECE raw</th><th>ECE calibrated</th></tr>" + rows +
+            f"<tr><td><b>mean</b></td><td></td><td></td><td></td><td></td>"
+            f"<td>{fmt(cal['before']['mean_ece'])}</td><td>{fmt(cal['after']['mean_ece'])}"
+            f"</td></tr></table></div><p class=note>Thresholds ({esc(cal.get('threshold_rule'))})"
+            f" and calibration ({esc(cal.get('method'))}) were fitted on val, never on this "
+            "split; intervals resample patients.</p></div>")
+
+
 def roc_section(store: str, curves_uri: str) -> str:
     return (f"<h2>ROC curves: adapted head <span class=sub>{esc(store)}</span></h2><div "
             f"class=card><img class=fig src='{curves_uri}' alt='ROC curves'><p class=note>"

@@ -11,13 +11,14 @@ The file layout is documented in :mod:`cxrembed.store.schema`.
 """
 
 from cxrembed.store.index import (INDEX_KINDS, IndexBuilder, IndexInfo, LoadedIndex,
-                                  build_index, has_index, index_path, load_index, search_index)
+                                  PreparedIndex, build_index, extend_index, has_index,
+                                  index_path, load_index, search_index)
 from cxrembed.store.reader import EmbeddingStore, check_same_encoder
 from cxrembed.store.schema import FORMAT_VERSION
 from cxrembed.store.writer import StoreWriter
 
 __all__ = [
     "EmbeddingStore", "StoreWriter", "check_same_encoder", "FORMAT_VERSION",
-    "INDEX_KINDS", "IndexBuilder", "IndexInfo", "LoadedIndex", "build_index", "has_index",
-    "index_path", "load_index", "search_index",
+    "INDEX_KINDS", "IndexBuilder", "IndexInfo", "LoadedIndex", "PreparedIndex", "build_index",
+    "extend_index", "has_index", "index_path", "load_index", "search_index",
 ]

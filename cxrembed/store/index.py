@@ -233,19 +233,60 @@ def build_index(store_path: str | os.PathLike, kind: str = "flat", *,
         info = IndexInfo(kind=kind, ntotal=int(index.ntotal), dim=store.embed_dim,
                          store_uuid=str(store.attrs.get("uuid", "")), params=builder.params)
     out = index_path(store_path)
+    PreparedIndex(_write_tmp(faiss, index, info, out)).commit(out)
+    log.info("%s index of %d vectors at %s", kind, info.ntotal, out)
+    return out
+
+
+def _write_tmp(faiss: Any, index: Any, info: IndexInfo, out: Path) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     try:
         faiss.write_index(index, str(tmp))
         _info_path(tmp).write_text(json.dumps(asdict(info), indent=2))
-        # The sidecar first: an index file never sits beside a stale sidecar.
-        os.replace(_info_path(tmp), _info_path(out))
-        os.replace(tmp, out)
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         _info_path(tmp).unlink(missing_ok=True)
         raise StoreError(f"cannot write index {out}: {exc}") from exc
-    log.info("%s index of %d vectors at %s", kind, info.ntotal, out)
-    return out
+    return tmp
+
+
+@dataclass
+class PreparedIndex:
+    """An index written beside its final place, moved there by :meth:`commit`."""
+
+    tmp: Path
+
+    def commit(self, out: Path) -> None:
+        # The sidecar first: an index file never sits beside a stale sidecar.
+        os.replace(_info_path(self.tmp), _info_path(out))
+        os.replace(self.tmp, out)
+
+
+def extend_index(path: Path, store_path: str | os.PathLike, start: int) -> PreparedIndex:
+    """The index at ``path`` (of the store's first ``start`` rows) plus rows ``start ..`` of
+    ``store_path``, added without a rebuild (flat, IVF and HNSW all take new vectors; IVF
+    keeps the cells it was trained on). Written beside ``path``; commit it to replace it."""
+    from cxrembed.store.reader import EmbeddingStore
+
+    faiss = _faiss()
+    try:
+        info = IndexInfo(**json.loads(_info_path(path).read_text()))
+        index = faiss.read_index(str(path))
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise StoreError(f"cannot read index {path} to extend it: {exc}; rebuild it with "
+                         "`cxrembed index`") from None
+    if index.ntotal != start:
+        raise StoreError(f"index {path} holds {index.ntotal} vectors, not the store's "
+                         f"{start}: rebuild it with `cxrembed index`")
+    with EmbeddingStore.open(store_path) as store:
+        for block in range(start, len(store), ADD_BLOCK):
+            stop = min(len(store), block + ADD_BLOCK)
+            index.add(np.ascontiguousarray(store.embeddings(np.arange(block, stop)),
+                                           dtype=np.float32))
+        info.ntotal, info.store_uuid = int(index.ntotal), str(store.attrs.get("uuid", ""))
+    log.info("%s index extended by %d vectors (now %d)", info.kind, info.ntotal - start,
+             info.ntotal)
+    return PreparedIndex(_write_tmp(faiss, index, info, path))
 
 
 def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedIndex:

@@ -281,6 +281,24 @@ class StoreWriter:
         while self._buffered >= self.chunk_rows:
             self._commit(self.chunk_rows)
 
+    def copy_rows_from(self, source: str | os.PathLike, count: int) -> None:
+        """Copy rows ``0 .. count`` of another store's vectors (and logits) as stored, bit
+        for bit, and move ``rows_done`` past them (``encode --append``: the old rows)."""
+        import h5py
+
+        if self.rows_done or self._buffered:
+            raise StoreError(f"store {self.path} already has rows; copy into a new one")
+        names = ["embedding", "embedding_norm"] + (["head_logits"] if self.has_head else [])
+        with h5py.File(source, "r") as src:
+            for start in range(0, count, self.chunk_rows):
+                stop = min(count, start + self.chunk_rows)
+                for name in names:
+                    self._file[name][start:stop] = src[name][start:stop]
+        self._file.flush()
+        self._file["rows_done"][0] = count
+        self._file.flush()
+        self.rows_done = count
+
     def mark_skipped(self, skipped: dict[int, str]) -> None:
         """Drop rows already written (below ``rows_done``) at :meth:`finish`, e.g. images
         no longer in the dataset when an encode is resumed."""
