@@ -398,7 +398,7 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
         pos_weight = torch.from_numpy(train_pos_weight(labels[rows["train"]])).to(dev)
     forward = torch.compile(model) if config.compile else model
     if on_start is not None:
-        on_start({"model": config.model, "weights": f"{source.kind} {source.name}",
+        on_start({"model": config.model, "weights": source.describe(),
                   "device": str(dev), "trainable_params": trainable, "unfreeze": config.unfreeze,
                   "epochs_done": state.epochs_done,
                   **{split: int(len(r)) for split, r in rows.items()}})

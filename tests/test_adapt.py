@@ -256,6 +256,7 @@ def test_vit_b32_runs_a_train_step_through_adapt(small, tmp_path):
         adapt(small, tmp_path / "run", AdaptConfig(pretrained="none", workers=0, batch_size=4),
               progress=False, on_step=stop, on_start=started.update)
     assert steps == [(1, 1)] and started["trainable_params"] == 22_057_486
+    assert started["weights"] == "random init (no pretrained weights)"  # not "none none"
 
 
 def test_cli_saves_the_flags_it_was_given(small, tmp_path):

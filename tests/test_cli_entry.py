@@ -313,3 +313,15 @@ print(matplotlib.get_backend())
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().lower() == "svg"
     assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_weights_are_described_in_words():
+    from cxrembed.model.loading import WeightsSource
+
+    def source(kind, name):
+        return WeightsSource(kind, name, None, False, "").describe()
+
+    assert source("none", "none") == "random init (no pretrained weights)"
+    assert source("tag", "openai") == "openai weights"
+    assert source("file", "/w/ViT-B-32.pt") == "weights from /w/ViT-B-32.pt"
+    assert source("run", "runs/vitb32") == "adapted run runs/vitb32"
