@@ -218,6 +218,7 @@ def test_demo_on_a_partial_download_with_allow_missing(partial_twin, tmp_path):
 # Devices and messages.
 
 
+@pytest.mark.slow
 def test_encode_on_cuda_without_cuda_is_a_clear_error(twin, tmp_path):
     import torch
 
@@ -259,6 +260,7 @@ def test_two_queries_are_named_by_their_flags(tmp_path):
     assert "got --id and --text" in result.stderr and "image_id" in result.stderr
 
 
+@pytest.mark.slow
 def test_montage_of_moved_images_warns_and_suggests_data(tmp_path):
     from PIL import Image
 
@@ -325,3 +327,20 @@ def test_weights_are_described_in_words():
     assert source("tag", "openai") == "openai weights"
     assert source("file", "/w/ViT-B-32.pt") == "weights from /w/ViT-B-32.pt"
     assert source("run", "runs/vitb32") == "adapted run runs/vitb32"
+
+
+def test_log_lines_and_progress_bars_share_one_console():
+    """A log line printed while a bar runs goes above it only when both use one console."""
+    import logging
+    import warnings
+
+    import cxrembed.progress
+    from cxrembed.cli import _root
+
+    root = logging.getLogger()
+    before = root.handlers[:], root.level, warnings.showwarning
+    try:
+        _root(verbose=False, version=False)
+        assert root.handlers[0].console is cxrembed.progress.console
+    finally:
+        root.handlers[:], root.level, warnings.showwarning = before
