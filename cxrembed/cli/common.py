@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130  # usage errors exit with click's own code, 2
 #: Commands that continue where they stopped when run again, without a --resume option.
 RESUME_BY_RERUNNING = {"cache", "demo"}
 
@@ -82,25 +82,41 @@ def _run(app: typer.Typer) -> int:
 
 
 def _click_exception_class() -> type[Exception]:
-    """The ClickException class of the click that this typer uses (typer >= 0.23 bundles
-    its own copy; older ones use click): found through typer's public BadParameter."""
+    """The ClickException class of the click that this typer uses (typer 0.29 bundles its
+    own copy, typer._click; 0.12 uses click): found through typer's public BadParameter."""
     return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
 class _SigintRecorder:
     """Notes that SIGINT arrived, then lets Python raise KeyboardInterrupt as usual (so
-    the library's cleanup runs unchanged)."""
+    the library's cleanup runs unchanged).
+
+    Python runs a signal handler between two bytecodes of the main thread, which may be
+    inside a callback that C code called (a weakref finaliser, an h5py object's cleanup):
+    there the KeyboardInterrupt is printed as "Exception ignored" and swallowed, and the
+    command would run on. Such a swallowed interrupt is delivered again instead.
+    """
 
     def __init__(self) -> None:
         self.received = False
         try:
             signal.signal(signal.SIGINT, self._handle)
         except ValueError:  # not the main thread: leave SIGINT alone
-            pass
+            return
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._redeliver
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = True
         signal.default_int_handler(signum, frame)
+
+    def _redeliver(self, unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            import _thread
+
+            _thread.interrupt_main()  # runs _handle again, outside this callback
+            return
+        self._unraisable(unraisable)
 
 
 def print_json(obj: Any) -> None:
