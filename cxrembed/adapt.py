@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrembed import __version__
+from cxrembed.data.splits import SPLITS
+from cxrembed.device import resolve_device
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.labels import LABELS
 
@@ -309,13 +311,14 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     from cxrembed.data.cache import ImageSource
     from cxrembed.data.nih import load_nih
     from cxrembed.model import AdaptedCLIP, MLPHead, count_trainable, create_clip
-    from cxrembed.model.run_state import (RunState, atomic_write_text, data_identity,
+    from cxrembed.files import atomic_write_text
+    from cxrembed.model.run_state import (RunState, data_identity,
                                           prepare_run_dir, read_progress, rewrite_metrics)
 
     config = config or AdaptConfig()
     config.validate()
     out = Path(out)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if isinstance(data, (str, os.PathLike)):
         dataset = load_nih(data, csv_path=csv_path, train_val_list=train_val_list,
                            test_list=test_list, view=config.view, val_fraction=config.val_fraction,
@@ -323,7 +326,7 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
                            missing="drop" if config.allow_missing else "error")
     else:
         dataset = data
-    rows = {s: dataset.split_rows(s) for s in ("train", "val", "test")}
+    rows = {s: dataset.split_rows(s) for s in SPLITS}
     for split in ("train", "val"):
         if not len(rows[split]):
             raise DataError(f"the {split} split is empty ({len(dataset)} images in all); adapt "
@@ -395,7 +398,7 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
         pos_weight = torch.from_numpy(train_pos_weight(labels[rows["train"]])).to(dev)
     forward = torch.compile(model) if config.compile else model
     if on_start is not None:
-        on_start({"model": config.model, "weights": f"{source.kind} {source.name}",
+        on_start({"model": config.model, "weights": source.describe(),
                   "device": str(dev), "trainable_params": trainable, "unfreeze": config.unfreeze,
                   "epochs_done": state.epochs_done,
                   **{split: int(len(r)) for split, r in rows.items()}})
@@ -488,7 +491,8 @@ def _finish(out: Path, model: Any, config: AdaptConfig, source: Any, base: dict,
             best: dict, trainable: int, undefined: dict, test_labels: np.ndarray | None,
             test_scores: np.ndarray | None) -> AdaptResult:
     from cxrembed.model.adapted import save_adapted
-    from cxrembed.model.run_state import append_jsonl, atomic_write_text
+    from cxrembed.files import atomic_write_text
+    from cxrembed.model.run_state import append_jsonl
 
     test_auc: dict[str, float | None] = {name: None for name in LABELS}
     test_mean = None

@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cxrembed import __version__
+from cxrembed.device import resolve_device
 from cxrembed.errors import ConfigError
 from cxrembed.labels import LABELS
 
@@ -50,6 +51,14 @@ class DemoConfig:
     """What the demo runs. Defaults: the synthetic twin and the tiny model on a CPU."""
 
     data: str | None = None  # an NIH folder; None: write a synthetic twin
+    # How to read ``data``: the options of every data command (see cxrembed.data.load_nih).
+    csv: str | None = None  # metadata CSV kept elsewhere
+    train_val_list: str | None = None
+    test_list: str | None = None
+    view: str = "all"
+    val_fraction: float = 0.1
+    split_seed: int = 7
+    allow_missing: bool = False  # continue with the images on disk (a partial download)
     images: int = 2000  # twin size
     size: int = 128  # twin PNG side
     seed: int = 0  # twin seed
@@ -73,6 +82,26 @@ class DemoConfig:
     @property
     def synthetic(self) -> bool:
         return self.data is None
+
+    def data_flags(self) -> str:
+        """The data options as `cxrembed` flags, for the commands the demo shows."""
+        flags = [f"--{name.replace('_', '-')} {value}" for name, value in (
+            ("csv", self.csv), ("train_val_list", self.train_val_list),
+            ("test_list", self.test_list)) if value is not None]
+        defaults = DemoConfig()
+        flags += [f"--{name.replace('_', '-')} {getattr(self, name)}"
+                  for name in ("view", "val_fraction", "split_seed")
+                  if getattr(self, name) != getattr(defaults, name)]
+        return " ".join(flags + (["--allow-missing"] if self.allow_missing else []))
+
+    def load_data(self, folder: str | os.PathLike) -> Any:
+        """The dataset the demo runs on, read with these data options."""
+        from cxrembed.data import load_nih
+
+        return load_nih(folder, csv_path=self.csv, train_val_list=self.train_val_list,
+                        test_list=self.test_list, view=self.view,
+                        val_fraction=self.val_fraction, seed=self.split_seed,
+                        missing="drop" if self.allow_missing else "error")
 
     def adapt_overrides(self, device: str) -> dict[str, Any]:
         tiny = self.model == "cxr-tiny"
@@ -113,14 +142,6 @@ class _Steps:
         return value
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None = None, *,
              progress: bool = True, announce: Callable[[str], None] | None = None
              ) -> DemoResult:
@@ -130,7 +151,6 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     prints nothing.
     """
     from cxrembed.adapt import AdaptConfig, adapt
-    from cxrembed.data import load_nih
     from cxrembed.data.cache import build_pixel_cache
     from cxrembed.encode import encode_dataset
     from cxrembed.fewshot import evaluate_adapted_head, evaluate_zeroshot, run_fewshot
@@ -139,7 +159,7 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     config = config or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(config.device)
+    device = str(resolve_device(config.device))
     steps = _Steps(announce)
     started = time.perf_counter()
 
@@ -156,17 +176,22 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
                                         seed=config.seed))
     else:
         data = Path(config.data)
-    dataset = load_nih(data)
+    dataset = config.load_data(data)
+    given = config.data_flags()
+    data_args = f"{data} {given}" if given else str(data)
     pixels = out / "pixels.h5"
-    steps.run("pixel cache", f"cxrembed cache {data} --out {pixels}",
+    steps.run("pixel cache", f"cxrembed cache {data_args} --out {pixels}",
               lambda: build_pixel_cache(dataset, pixels, progress=progress))
 
     # 2. adaptation (resumes a finished or interrupted run in place)
     overrides = config.adapt_overrides(device)
-    adapt_config = AdaptConfig.from_dict(overrides)
+    # The run records the data options it was given, as `cxrembed adapt` would.
+    adapt_config = AdaptConfig.from_dict({
+        **overrides, "view": config.view, "val_fraction": config.val_fraction,
+        "split_seed": config.split_seed, "allow_missing": config.allow_missing})
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
     run_dir = out / "adapt"
-    result = steps.run("domain adaptation", f"cxrembed adapt {data} --out {run_dir} "
+    result = steps.run("domain adaptation", f"cxrembed adapt {data_args} --out {run_dir} "
                        f"--pixel-cache {pixels} {flags}",
                        lambda: adapt(dataset, run_dir, adapt_config, pixel_cache=pixels,
                                      resume=run_dir.exists(), device=device, progress=progress))
@@ -174,12 +199,12 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     # 3. encode twice: the frozen encoder and the adapted one
     stores = {"frozen": out / "store-frozen.h5", "adapted": out / "store-adapted.h5"}
     frozen = load_encoder(config.model, config.pretrained, device=device)
-    steps.run("encode (frozen CLIP)", f"cxrembed encode {data} --out {stores['frozen']} "
+    steps.run("encode (frozen CLIP)", f"cxrembed encode {data_args} --out {stores['frozen']} "
               f"--model {config.model} --pretrained {config.pretrained} --pixel-cache {pixels}",
               lambda: encode_dataset(dataset, stores["frozen"], frozen, pixel_cache=pixels,
                                      resume=True, progress=progress))
     adapted = load_encoder(checkpoint=run_dir, device=device)
-    steps.run("encode (adapted)", f"cxrembed encode {data} --out {stores['adapted']} "
+    steps.run("encode (adapted)", f"cxrembed encode {data_args} --out {stores['adapted']} "
               f"--checkpoint {run_dir} --pixel-cache {pixels}",
               lambda: encode_dataset(dataset, stores["adapted"], adapted, pixel_cache=pixels,
                                      resume=True, progress=progress))
@@ -327,5 +352,10 @@ def check_config(config: DemoConfig) -> None:
     if config.data is not None and not Path(config.data).is_dir():
         raise ConfigError(f"--data {config.data} is not a folder; give an NIH ChestX-ray14 "
                           "folder, or leave --data out to use the synthetic twin")
+    files = [f"--{name.replace('_', '-')}" for name in ("csv", "train_val_list", "test_list")
+             if getattr(config, name) is not None]
+    if config.data is None and files:
+        raise ConfigError(f"{', '.join(files)} describe a real NIH folder: pass it with --data "
+                          "(the synthetic twin has its own files)")
     if config.epochs < 1 or config.seeds < 1:
         raise ConfigError("--epochs and --seeds must be at least 1")

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
+from cxrembed.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,8 @@ class _Output:
         if self.file is not None:
             self.file.close()
         if self.json:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps({**self.header, "predictions": self.done}, indent=1))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps({**self.header, "predictions": self.done},
+                                                    indent=1))
             self.work.unlink(missing_ok=True)
 
 
@@ -282,7 +282,7 @@ def _score_batch(pixels: list[np.ndarray], encoder: Any, saved: Any, store: Any,
 
 def predict_images(inputs: list[str | os.PathLike], head: str | os.PathLike,
                    out: str | os.PathLike, *, store: str | os.PathLike | None = None,
-                   k: int = 5, batch_size: int = 32, workers: int = 2, device: str = "cpu",
+                   k: int = 5, batch_size: int = 32, workers: int = 2, device: str = "auto",
                    encoder: Any = None, progress: bool = False) -> PredictResult:
     """Score images with a saved head (see the module doc); rows go to ``out`` (.csv or
     .json) as they are computed, and a rerun continues where the last one stopped."""

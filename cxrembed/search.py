@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError, DataError, StoreError
 from cxrembed.store import (EmbeddingStore, check_same_encoder, has_index, load_index,
                             search_index)
@@ -72,11 +73,12 @@ def query_vector(store: EmbeddingStore, *, image_id: str | None = None,
     A new image or a text not stored is encoded with the store's own encoder (loaded from
     its record, or ``encoder`` when given: it must have the store's fingerprint).
     """
-    given = [name for name, v in (("image_id", image_id), ("image", image), ("text", text))
+    given = [flag for flag, v in (("--id", image_id), ("--image", image), ("--text", text))
              if v is not None]
     if len(given) != 1:
         raise ConfigError("give exactly one query: --id ID, --image PATH or --text TEXT "
-                          f"(got {', '.join(given) or 'none'})")
+                          "(in Python: image_id=, image= or text=); got "
+                          f"{' and '.join(given) or 'none'}")
     if image_id is not None:
         row = store.row_of(image_id)
         return Query("id", image_id, store.embeddings([row])[0], row=row,
@@ -124,8 +126,8 @@ def _allowed_mask(store: EmbeddingStore, split: str | None, exclude_rows: list[i
     if split is None and not exclude_rows and exclude_patient is None:
         return None
     mask = np.ones(len(store), dtype=bool) if split is None else store.split == split
-    if split is not None and split not in ("train", "val", "test"):
-        raise ConfigError(f"unknown split {split!r}; expected train, val or test")
+    if split is not None and split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; expected {', '.join(SPLITS)}")
     if exclude_patient is not None:
         mask &= store.patient_id != exclude_patient
     if exclude_rows:
@@ -300,12 +302,15 @@ def _image_for(store: EmbeddingStore, row: int, data_root: Path) -> np.ndarray |
 def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
                  out: str | os.PathLike, data_root: str | os.PathLike | None = None,
                  columns: int = 6) -> Path:
-    """One PNG: the query, then each neighbour with its similarity, id and labels."""
-    try:
-        import matplotlib
+    """One PNG: the query, then each neighbour with its similarity, id and labels.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Images are read from ``data_root`` (default: the folder they were encoded from); one
+    not found there is drawn as a grey "image not found" tile, and a warning says how many
+    and where to point ``data_root`` (``--data``).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:  # pragma: no cover - a declared dependency
         raise ConfigError("--montage needs matplotlib: pip install matplotlib") from None
     from cxrembed.data.images import decode
@@ -325,9 +330,12 @@ def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
         panels.append((_image_for(store, hit.row, root),
                        f"#{hit.rank}  sim {hit.similarity:.4f}",
                        f"{hit.image_id}\n{labels}"))
+    _warn_missing(panels, query, root, data_root is not None)
     cols = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.1 * rows), squeeze=False)
+    fig = Figure(figsize=(2.6 * cols, 3.1 * rows))
+    FigureCanvasAgg(fig)  # draws without pyplot: the caller's matplotlib backend is untouched
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (pixels, title, caption) in zip(axes.flat, panels):
@@ -343,8 +351,18 @@ def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(out, dpi=100)
-    finally:
-        plt.close(fig)
+    fig.savefig(out, dpi=100)
     return out
+
+
+def _warn_missing(panels: list[tuple[np.ndarray | None, str, str]], query: Query, root: Path,
+                  root_given: bool) -> None:
+    images = panels[1:] if query.kind == "text" else panels
+    missing = sum(pixels is None for pixels, _, _ in images)
+    if not missing:
+        return
+    where = "the folder given" if root_given else "the folder the store was encoded from"
+    log.warning("montage: %d of %d images not found under %s (%s); they are drawn as "
+                "'image not found' tiles. If the images have moved, pass --data DIR "
+                "(data_root=DIR) with the folder they are in now.", missing, len(images),
+                root, where)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# As the `cxrembed` command does (cxrembed/cli/__init__.py), before torch is imported:
+# passive OpenMP waits, or torch's threads spin and stall on a shared CPU.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 SHARED_NIH = Path(__file__).resolve().parents[2] / "shared" / "nih"
 

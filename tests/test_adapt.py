@@ -81,6 +81,7 @@ def test_val_auc_rises_well_above_chance(tmp_path):
     assert result.trainable_params == 581_966  # cxr-tiny: 3 of 4 blocks + ln_post + proj + head
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(small, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -119,6 +120,7 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(small, tmp_path, monk
     assert calls == [] and again.test_auc == whole.test_auc
 
 
+@pytest.mark.slow
 def test_best_weights_are_a_real_copy_and_test_uses_them(small, tmp_path):
     """Selection on val: the saved model is the best val epoch's, not the last one's."""
     from cxrembed.data.cache import ImageSource
@@ -141,6 +143,7 @@ def test_best_weights_are_a_real_copy_and_test_uses_them(small, tmp_path):
         assert not math.isclose(mean, last, abs_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_adapted_checkpoint_loads_as_encoder_and_refuses_mismatch(small, tmp_path):
     from cxrembed.model import load_encoder as load
 
@@ -169,6 +172,7 @@ def test_adapted_checkpoint_loads_as_encoder_and_refuses_mismatch(small, tmp_pat
         load(checkpoint=tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_run_folder_of_another_run_is_refused(small, tmp_path):
     adapt(small, tmp_path / "run", tiny(epochs=1), progress=False)
     with pytest.raises(ConfigError, match=r"different run \(lr_head: 0\.001 in the run, 0\.002"):
@@ -191,6 +195,7 @@ def test_run_folder_of_another_run_is_refused(small, tmp_path):
         adapt(small, tmp_path / "new", tiny(epochs=1), progress=False, resume=True)
 
 
+@pytest.mark.slow
 def test_class_without_val_positives_is_undefined_not_half(small, tmp_path, caplog):
     data = small.subset(np.arange(len(small)))
     data.labels = data.labels.copy()
@@ -244,6 +249,7 @@ def test_focal_loss_matches_torchvision_and_class_weights_use_train_only():
     assert weights[0] == 4.0 and weights[1] == 1.0  # 8 negatives / 2 positives; no positives
 
 
+@pytest.mark.slow
 def test_vit_b32_runs_a_train_step_through_adapt(small, tmp_path):
     steps = []
 
@@ -256,8 +262,10 @@ def test_vit_b32_runs_a_train_step_through_adapt(small, tmp_path):
         adapt(small, tmp_path / "run", AdaptConfig(pretrained="none", workers=0, batch_size=4),
               progress=False, on_step=stop, on_start=started.update)
     assert steps == [(1, 1)] and started["trainable_params"] == 22_057_486
+    assert started["weights"] == "random init (no pretrained weights)"  # not "none none"
 
 
+@pytest.mark.slow
 def test_cli_saves_the_flags_it_was_given(small, tmp_path):
     from typer.testing import CliRunner
 
@@ -282,6 +290,7 @@ def test_cli_saves_the_flags_it_was_given(small, tmp_path):
     assert "different run" in str(bad.exception)
 
 
+@pytest.mark.slow
 def test_encode_refuses_data_split_unlike_the_runs(small, tmp_path):
     """A store whose val/test could hold the run's training images is refused."""
     from cxrembed.data.nih import load_nih

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from cxrembed import __version__
@@ -19,6 +20,7 @@ def _run(*args):
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_version_and_help():
     result = _run("--version")
     assert result.returncode == 0 and __version__ in result.stdout + result.stderr

@@ -263,6 +263,7 @@ def test_full_disk_leaves_a_resumable_store(nih, reference, tmp_path, fake_modul
         np.testing.assert_array_equal(store.embeddings(normalized=False), reference["raw"])
 
 
+@pytest.mark.slow
 def test_sigkilled_encode_resumes_to_the_uninterrupted_vectors(nih, reference, tmp_path,
                                                                fake_module):
     out = tmp_path / "sigkill.h5"

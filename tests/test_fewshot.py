@@ -113,6 +113,7 @@ def test_heads_beat_chance_and_improve_with_shots(world):
     assert len(result.runs) == 1 + 4 * 2 * 3
 
 
+@pytest.mark.slow
 def test_no_test_row_enters_training_or_selection(world):
     """Poisoned test labels change the test AUCs and nothing else: same samples, same
     hyper-parameters and epochs chosen, identical test scores."""
@@ -142,6 +143,7 @@ def _without_timing(result):
     return out
 
 
+@pytest.mark.slow
 def test_same_seed_reproduces_exactly_and_another_seed_differs(world):
     a = sweep(eval_data(world))
     b = sweep(eval_data(world))

@@ -51,6 +51,7 @@ def vit_b32():
     return clip, source
 
 
+@pytest.mark.slow
 def test_vit_b32_trainable_count_is_the_papers(vit_b32):
     clip, _ = vit_b32
     model = AdaptedCLIP(clip, MLPHead(), unfreeze=3)
@@ -67,6 +68,7 @@ def test_vit_b32_trainable_count_is_the_papers(vit_b32):
     assert count_trainable(model) == 3 * 7_087_872 + 1_536 + 768 * 512 + 399_118
 
 
+@pytest.mark.slow
 def test_vit_b32_one_step_changes_only_unfrozen(vit_b32):
     clip, _ = vit_b32
     model = AdaptedCLIP(clip, MLPHead(), unfreeze=3)
@@ -274,6 +276,7 @@ def test_unknown_tag_lists_the_models_tags():
         create_clip("cxr-tiny", "/no/such/weights.pt")
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     torch.save(_tiny_weights().state_dict(), tmp_path / "tiny.pt")
     with pytest.raises(ModelError) as info:

@@ -1,16 +1,18 @@
-"""What every command shares: the consoles, the error edge, JSON output."""
+"""What every command shares: the console, the error edge, JSON output, common options."""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from cxrembed.errors import CxrembedError
 from cxrembed.fewshot.results import to_jsonable
+from cxrembed.progress import console  # one stderr console: messages, logs, progress bars
 
 app = typer.Typer(
     name="cxrembed",
@@ -20,35 +22,101 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)  # tables, progress, messages
-stdout = Console()  # results meant for pipes (--json)
+
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130  # usage errors exit with click's own code, 2
+#: Commands that continue where they stopped when run again, without a --resume option.
+RESUME_BY_RERUNNING = {"cache", "demo"}
 
 
 def run_guarded(app: typer.Typer) -> None:
-    """Run the app; a CxrembedError becomes a red message and exit code 1."""
-    try:
-        app(standalone_mode=False)
-    except CxrembedError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:  # disk full, permissions, a folder that is not there
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: what was written so far is kept; "
-                      "rerun with --resume to continue")
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
+    """Run ``app`` as a command and exit with its code: 0 done, 1 a CxrembedError or OS
+    error (one red line), 2 a usage error (click's usage line and message), 130 Ctrl-C.
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    The app runs with ``standalone_mode=False`` so that errors reach this edge; how typer
+    reports a usage error or Ctrl-C then differs between its versions (0.12 raises click's
+    exceptions and turns Ctrl-C into ``Abort``; 0.29 raises those of its bundled click and
+    returns 130), so a SIGINT is recorded here, whatever typer makes of it.
+    """
+    sigint = _SigintRecorder()
+    try:
+        code = _run(app)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    if sigint.received or code == EXIT_INTERRUPTED:
+        console.print(f"[yellow]interrupted[/]: {_resume_hint(app, sys.argv[1:])}",
+                      highlight=False)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def _resume_hint(app: typer.Typer, args: list[str]) -> str:
+    """What to run to continue the interrupted command."""
+    group = typer.main.get_command(app)
+    name = next((a for a in args if a in getattr(group, "commands", {})), None)
+    if name is None:
+        return "nothing was finished"
+    options = {opt for param in group.commands[name].params for opt in param.opts}
+    if "--resume" in options:
+        return "what was written so far is kept; rerun with --resume to continue"
+    if name in RESUME_BY_RERUNNING:
+        return "what was written so far is kept; rerun the same command to continue"
+    return f"`cxrembed {name}` did not finish; run it again"
+
+
+def _run(app: typer.Typer) -> int:
+    usage_error = _click_exception_class()
+    try:
+        returned = app(standalone_mode=False)
+    except (CxrembedError, OSError) as exc:  # OSError: disk full, permissions, no folder
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_ERROR
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort as exc:
+        return EXIT_INTERRUPTED if isinstance(exc.__cause__, KeyboardInterrupt) else EXIT_ERROR
+    except usage_error as exc:  # bad option or value, missing argument, unknown command
+        exc.show()
+        return exc.exit_code
+    # Without standalone mode typer returns the command's value, or the code of an Exit.
+    return returned if type(returned) is int else 0
+
+
+def _click_exception_class() -> type[Exception]:
+    """The ClickException class of the click that this typer uses (typer 0.29 bundles its
+    own copy, typer._click; 0.12 uses click): found through typer's public BadParameter."""
+    return next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
+
+
+class _SigintRecorder:
+    """Notes that SIGINT arrived, then lets Python raise KeyboardInterrupt as usual (so
+    the library's cleanup runs unchanged).
+
+    Python runs a signal handler between two bytecodes of the main thread, which may be
+    inside a callback that C code called (a weakref finaliser, an h5py object's cleanup):
+    there the KeyboardInterrupt is printed as "Exception ignored" and swallowed, and the
+    command would run on. Such a swallowed interrupt is delivered again instead.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        try:
+            signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave SIGINT alone
+            return
+        self._unraisable = sys.unraisablehook
+        sys.unraisablehook = self._redeliver
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        signal.default_int_handler(signum, frame)
+
+    def _redeliver(self, unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            import _thread
+
+            _thread.interrupt_main()  # runs _handle again, outside this callback
+            return
+        self._unraisable(unraisable)
 
 
 def print_json(obj: Any) -> None:
@@ -57,10 +125,16 @@ def print_json(obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Options every command that reads an NIH folder takes (declare once, reuse by name).
+# Arguments and options shared by several commands (declared once, reused by name).
 
-from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
+StoreArg = Annotated[Path, typer.Argument(
+    help="Embedding store (.h5) written by `cxrembed encode`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+
+# Options every command that reads an NIH folder takes.
 
 DataArg = Annotated[Path, typer.Argument(help=(
     "Data folder: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, class folders, or a "

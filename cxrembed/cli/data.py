@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, ReaderOptions, SplitSeedOpt,
-                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
-                                 console, load_dataset, print_json, reader_options)
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, NoProgressOpt, ReaderOptions,
+                                 SplitSeedOpt, TestListOpt, TrainValListOpt, ValFractionOpt,
+                                 ViewOpt, app, console, load_dataset, print_json, reader_options)
 
 #: How the generic CSV twin is read (its column names), for the summary ``synth`` prints.
 _CSV_TWIN = ReaderOptions(dataset="csv", image_col="image", label_col="findings",
@@ -76,7 +76,7 @@ def cache(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Record unreadable images (listed here and in the cache) instead "
         "of stopping at the first.")] = False,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgressOpt = False,
     source: ReaderOptions = None,
 ) -> None:
     """Decode every image once into a 224x224 uint8 HDF5 cache (resumes if interrupted)."""
@@ -111,19 +111,28 @@ def _show_summary(summary: dict, json_out: bool) -> None:
                       f"not on disk[/] (first: {', '.join(summary['missing_examples'])}); "
                       "commands that read pixels need --allow-missing to use the rest")
     splits = summary["splits"]
+    partial = bool(summary["images_missing"])
     unknown = any(sum(splits[s].get("unknown", {}).values()) for s in splits)
+
+    def both(disk: int, meta: int) -> str:
+        # On a partial download both matter: what the metadata describes, and what is usable.
+        return f"{disk:,} / {meta:,}" if partial else f"{meta:,}"
+
     table = Table(title="positives per class and split"
+                  + (": on disk / in the metadata" if partial else "")
                   + (" (unknown labels in brackets)" if unknown else ""))
     table.add_column("class")
-    for split in splits:
-        table.add_column(f"{split} ({splits[split]['images']:,} img, "
-                         f"{splits[split]['patients']:,} pat)", justify="right")
+    for split, counts in splits.items():
+        disk = counts["on_disk"]
+        table.add_column(f"{split}\n{both(disk['images'], counts['images'])} img\n"
+                         f"{both(disk['patients'], counts['patients'])} pat", justify="right")
     for name in summary["label_names"]:
         cells = []
-        for s in splits:
-            cell = f"{splits[s]['positives'][name]:,}"
-            missing = splits[s].get("unknown", {}).get(name, 0)
+        for counts in splits.values():
+            cell = both(counts["on_disk"]["positives"][name], counts["positives"][name])
+            missing = counts.get("unknown", {}).get(name, 0)
             cells.append(cell + (f" [dim]({missing:,})[/]" if missing else ""))
         table.add_row(name, *cells)
-    table.add_row("No Finding", *(f"{splits[s]['no_finding']:,}" for s in splits), style="dim")
+    table.add_row("No Finding", *(both(c["on_disk"]["no_finding"], c["no_finding"])
+                                  for c in splits.values()), style="dim")
     console.print(table)

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import app, console
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DeviceOpt, NoProgressOpt, SplitSeedOpt,
+                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
+                                 console)
 
 
 @app.command()
@@ -26,8 +28,15 @@ def demo(
     seeds: Annotated[int, typer.Option("--seeds", help="Few-shot draws per shot count.")] = 10,
     shots: Annotated[str, typer.Option(
         "--shots", help="Few-shot shots per class, comma-separated.")] = "1,2,4,8,16",
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    device: DeviceOpt = "auto",
+    csv: CsvOpt = None,
+    train_val_list: TrainValListOpt = None,
+    test_list: TestListOpt = None,
+    view: ViewOpt = "all",
+    val_fraction: ValFractionOpt = 0.1,
+    split_seed: SplitSeedOpt = 7,
+    allow_missing: AllowMissingOpt = False,
+    no_progress: NoProgressOpt = False,
 ) -> None:
     """Run the whole method end to end and write an HTML report (synthetic data by default)."""
     from cxrembed.cli.evaluate import _int_list
@@ -35,7 +44,11 @@ def demo(
 
     config = DemoConfig(data=str(data) if data else None, model=model, pretrained=pretrained,
                         images=images, size=size, epochs=epochs, seeds=seeds, device=device,
-                        shots=_int_list(shots, "--shots"))
+                        shots=_int_list(shots, "--shots"), csv=str(csv) if csv else None,
+                        train_val_list=str(train_val_list) if train_val_list else None,
+                        test_list=str(test_list) if test_list else None, view=view,
+                        val_fraction=val_fraction, split_seed=split_seed,
+                        allow_missing=allow_missing)
     check_config(config)
     result = run_demo(out, config, progress=not no_progress,
                       announce=lambda line: console.print(f"[bold cyan]{line}[/]",

@@ -10,17 +10,14 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cxrembed.cli.common import app, console, print_json
+from cxrembed.cli.common import JsonOpt, NoProgressOpt, StoreArg, app, console, print_json
 from cxrembed.errors import ConfigError
 from cxrembed.labels import LABELS
 
-StoreArg = Annotated[Path, typer.Argument(
-    help="Embedding store (.h5) written by `cxrembed encode`.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="Split to score (test, val or train).")]
 BootstrapOpt = Annotated[int, typer.Option(
     "--bootstrap", help="Patient-level bootstrap resamples for 95% intervals (0: none).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the resamples (and draws).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 OutJsonOpt = Annotated[Optional[Path], typer.Option(
     "--out", help="Also save the result JSON here.")]
 PromptsOpt = Annotated[Optional[Path], typer.Option(
@@ -179,7 +176,7 @@ def fewshot(
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option(
         "--out", help="Folder for JSON, CSV, config and plot.")] = Path("fewshot"),
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Few-shot sweep: shots x seeds x heads on the store's vectors, scored on test."""

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import app, console, print_json
+from cxrembed.cli.common import DeviceOpt, app, console, print_json
 from cxrembed.errors import ConfigError
 
 RESEARCH_NOTICE = ("Research use only: cxrembed is not a medical device and its outputs "
@@ -90,7 +90,7 @@ def predict(
     k: Annotated[int, typer.Option("-k", help="Nearest stored images per image.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per batch.")] = 32,
     workers: Annotated[int, typer.Option("--workers", help="Threads decoding images.")] = 2,
-    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1 ...")] = "cpu",
+    device: DeviceOpt = "auto",
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a summary as JSON.")] = False,
 ) -> None:

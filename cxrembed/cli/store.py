@@ -8,14 +8,12 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, ReaderOptions, SplitSeedOpt,
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, DeviceOpt, JsonOpt,
+                                 NoProgressOpt, ReaderOptions, SplitSeedOpt, StoreArg,
                                  TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
                                  console, load_dataset, print_json, reader_options)
 from cxrembed.store.index import INDEX_KINDS
 
-StoreArg = Annotated[Path, typer.Argument(help="The store (.h5) written by `cxrembed encode`.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 
 @app.command()
@@ -46,8 +44,7 @@ def encode(
     index: Annotated[str, typer.Option(
         "--index", help=f"FAISS index to build at the end: {', '.join(INDEX_KINDS)} or none.")] = "flat",
     workers: Annotated[int, typer.Option("--workers", help="Threads reading ahead of the model.")] = 2,
-    device: Annotated[Optional[str], typer.Option(
-        "--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available).")] = None,
+    device: DeviceOpt = "auto",
     trust_pickle: Annotated[bool, typer.Option(
         "--trust-pickle", help="Allow weights files that need pickle (only files you trust).")] = False,
     csv: CsvOpt = None,
@@ -75,12 +72,7 @@ def encode(
                            allow_missing, source=source)
 
     def encoder():  # loaded by encode_dataset once the cheap checks have passed
-        chosen = device
-        if chosen is None:
-            import torch
-
-            chosen = "cuda" if torch.cuda.is_available() else "cpu"
-        return load_encoder(model, pretrained, checkpoint=checkpoint, device=chosen,
+        return load_encoder(model, pretrained, checkpoint=checkpoint, device=device,
                             trust_pickle=trust_pickle)
 
     result = encode_dataset(dataset, out, encoder, pixel_cache=cache, batch_size=batch_size,

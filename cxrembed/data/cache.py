@@ -26,6 +26,7 @@ import numpy as np
 from cxrembed.data.images import IMAGE_SIZE, PREPROCESSING, decode
 from cxrembed.data.nih import NIHDataset
 from cxrembed.errors import DataError
+from cxrembed.files import atomic_write
 from cxrembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
     import h5py
 
     out = Path(out)
+    if len(dataset) == 0:
+        raise DataError(f"no image to cache: none of the images that the metadata of "
+                        f"{dataset.root} names (and the --view chosen keeps) is on disk "
+                        f"({len(dataset.missing):,} missing); check the data folder (images "
+                        "are looked for in images_*/images/, images/ and the folder itself)")
     if not dataset.present.all():
         absent = dataset.image_id[~dataset.present]
         raise DataError(f"{len(absent)} images of the dataset are not on disk (first: "
@@ -104,12 +110,12 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
     ids = dataset.image_id.astype(str)
     rows = None if overwrite or not out.exists() else _cache_rows(out, ids, size, decoder)
     workers = (os.cpu_count() or 1) if workers is None else workers
+    if rows is None:  # under its name only once whole: a rerun after Ctrl-C finds a cache
+        atomic_write(out, lambda tmp: _create_file(tmp, ids, size, decoder))
+        rows = np.arange(n)
     # Workers start before the file is opened, so that none of them inherits its handle
     # (and its lock): after a kill -9 the rerun can open the file at once.
-    with _pool(workers) as pool, h5py.File(out, "w" if rows is None else "a") as f:
-        if rows is None:
-            _create(f, ids, size, decoder)
-            rows = np.arange(n)
+    with _pool(workers) as pool, h5py.File(out, "a") as f:
         todo = np.sort(rows[~f["done"][:][rows]])
         if len(todo) < n:
             log.info("resuming: %d of %d rows already cached", n - len(todo), n)
@@ -118,8 +124,7 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
         blocks = [todo[i:i + BLOCK] for i in range(0, len(todo), BLOCK)]
         jobs = [(int(b[0]), [path_of[r] for r in b.tolist()], size, decoder, skip_bad)
                 for b in blocks]
-        with progress_bar(n, "caching pixels", enabled=progress) as advance:
-            advance(n - len(todo))
+        with progress_bar(n, "caching pixels", enabled=progress, done=n - len(todo)) as advance:
             for block, (_, arr, bad) in zip(blocks, pool.map(_decode_block, jobs)):
                 _commit_block(f, block, arr, bad, f["image_id"])
                 advance(len(block))
@@ -130,6 +135,13 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
                     next(iter(skipped.items())))
     log.info("pixel cache of %d images at %s", n, out)
     return out
+
+
+def _create_file(path: Path, ids: np.ndarray, size: int, decoder: str) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        _create(f, ids, size, decoder)
 
 
 def _create(f, ids: np.ndarray, size: int, decoder: str) -> None:

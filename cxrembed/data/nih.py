@@ -288,8 +288,8 @@ def load_nih(
             )
         raise DataError(
             f"{len(missing_names)} of {keep.sum()} images named by {meta_path.name} are not under "
-            f"{root} (first: {', '.join(missing_names[:5])}); pass --allow-missing "
-            "(missing='drop') to continue with the images that are present"
+            f"{root} (first: {', '.join(missing_names[:5])}); to continue with the images that "
+            "are present, pass --allow-missing (in Python: missing='drop')"
         )
     if missing == "drop":
         keep &= paths != ""

@@ -112,7 +112,9 @@ class ImageTable:
         return self.path != ""
 
     def summary(self) -> dict:
-        """Counts a person checks first: images, patients, per-class positives per split."""
+        """Counts a person checks first: images, patients, per-class positives per split,
+        of every row (the metadata's) and, under ``on_disk``, of the rows whose image is
+        on disk (they differ on a partial download loaded with ``missing='keep'``)."""
         views, counts = np.unique(self.view, return_counts=True)
         out: dict = {
             "dataset": self.dataset,
@@ -130,17 +132,21 @@ class ImageTable:
         }
         for split in SPLITS:
             rows = self.split == split
-            known = self.label_known[rows]
-            out["splits"][split] = {
-                "images": int(rows.sum()),
-                "patients": int(len(np.unique(self.patient_id[rows]))),
-                "no_finding": int(((self.labels[rows] * known).sum(axis=1) == 0).sum()),
-                "positives": {name: int((self.labels[rows, i] & known[:, i]).sum())
-                              for i, name in enumerate(self.label_names)},
-                "unknown": {name: int((~known[:, i]).sum())
-                            for i, name in enumerate(self.label_names)},
-            }
+            out["splits"][split] = self._counts(rows)
+            out["splits"][split]["on_disk"] = self._counts(rows & self.present)
         return out
+
+    def _counts(self, rows: np.ndarray) -> dict:
+        known = self.label_known[rows]
+        return {
+            "images": int(rows.sum()),
+            "patients": int(len(np.unique(self.patient_id[rows]))),
+            "no_finding": int(((self.labels[rows] * known).sum(axis=1) == 0).sum()),
+            "positives": {name: int((self.labels[rows, i] & known[:, i]).sum())
+                          for i, name in enumerate(self.label_names)},
+            "unknown": {name: int((~known[:, i]).sum())
+                        for i, name in enumerate(self.label_names)},
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -252,9 +258,9 @@ def finish_table(root: Path, rows: dict[str, np.ndarray], *, label_names: list[s
                             f"(first expected at {rows['path'][absent][0]}); is this the right "
                             "data folder?")
         raise DataError(f"{len(missing_names)} of {keep.sum()} images named by {where} are not "
-                        f"under {root} (first: {', '.join(missing_names[:5])}); pass "
-                        "--allow-missing (missing='drop') to continue with the images that "
-                        "are present")
+                        f"under {root} (first: {', '.join(missing_names[:5])}); to continue "
+                        "with the images that are present, pass --allow-missing (in Python: "
+                        "missing='drop')")
     if missing == "drop":
         keep &= paths != ""
     table = ImageTable(root=root, patient_id=patient_id, label_names=tuple(label_names),

@@ -236,8 +236,7 @@ def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: P
     if start:
         log.info("resuming %s at row %d of %d", out, start, n)
     began = time.perf_counter()
-    with writer, progress_bar(n, "encoding", enabled=progress) as advance:
-        advance(start)
+    with writer, progress_bar(n, "encoding", enabled=progress, done=start) as advance:
         stages = run_pipeline(reader, ClipMapper(encoder), writer, advance=advance)
         health = _health(writer)
         if len(writer.skipped) >= n:

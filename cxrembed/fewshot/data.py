@@ -89,7 +89,8 @@ class EvalData:
         """The adapted head's weights (loads them when given as a loader)."""
         if self.head_state is None:
             raise StoreError("no adapted head to start from: the store was encoded with a "
-                             "frozen encoder; use init='random' or a store of an adapted run")
+                             "frozen encoder; use --init random (in Python: init='random') or a store "
+                             "of an adapted run")
         return self.head_state() if callable(self.head_state) else self.head_state
 
     @classmethod

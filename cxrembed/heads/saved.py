@@ -30,6 +30,7 @@ import numpy as np
 
 from cxrembed.calibration import ClassCalibration, uncalibrated
 from cxrembed.errors import ConfigError, StoreError
+from cxrembed.files import atomic_write, atomic_write_text
 
 CARD = "head.json"
 ARRAYS = "head.npz"
@@ -163,7 +164,7 @@ class SavedHead:
     def load_args(self) -> dict | None:
         return self.card.get("load_args")
 
-    def load_encoder(self, device: str = "cpu", encoder: Any = None) -> Any:
+    def load_encoder(self, device: str = "auto", encoder: Any = None) -> Any:
         """The encoder this head was fitted for, loaded from the card (or ``encoder``,
         checked): StoreError when its fingerprint is not the card's."""
         from cxrembed.store import check_same_encoder
@@ -213,12 +214,13 @@ class SavedHead:
         card = dict(self.card)
         card["calibration"] = {**card.get("calibration", {}), "classes": {
             name: cal.to_dict() for name, cal in self.calibration.items()}}
-        tmp = folder / (ARRAYS + ".tmp.npz")
-        np.savez(tmp, **self.arrays)
-        os.replace(tmp, folder / ARRAYS)
+        def write_arrays(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez adds no second suffix
+                np.savez(f, **self.arrays)
+
+        atomic_write(folder / ARRAYS, write_arrays)
         text = json.dumps(card, indent=2, default=to_jsonable, allow_nan=False)
-        (folder / (CARD + ".tmp")).write_text(text + "\n", encoding="utf-8")
-        os.replace(folder / (CARD + ".tmp"), folder / CARD)
+        atomic_write_text(folder / CARD, text + "\n")
         self.card = card
         return folder
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from cxrembed.data.images import PREPROCESSING
 from cxrembed.errors import ModelError
+from cxrembed.files import atomic_write, atomic_write_text
 from cxrembed.labels import LABELS
 from cxrembed.model.head import MLPHead
 from cxrembed.model.partial import (apply_partial_unfreeze, check_unfreeze,
@@ -94,13 +95,6 @@ def head_config(head: MLPHead) -> dict:
             "num_classes": linears[-1].out_features, "dropout": drops}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_adapted(run_dir: str | os.PathLike, model: AdaptedCLIP, *, model_name: str,
                  base_weights: dict, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``model.json`` into ``run_dir`` (atomically)."""
@@ -111,9 +105,8 @@ def save_adapted(run_dir: str | os.PathLike, model: AdaptedCLIP, *, model_name: 
                for k, v in model.clip.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().to("cpu").contiguous().clone()
                     for k, v in model.head.state_dict().items()})
-    tmp = run_dir / (MODEL_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)})
-    os.replace(tmp, run_dir / MODEL_FILE)
+    atomic_write(run_dir / MODEL_FILE, lambda tmp: save_file(
+        tensors, str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)}))
     meta = {
         "format": CHECKPOINT_FORMAT,
         "kind": CHECKPOINT_KIND,

@@ -129,7 +129,7 @@ class Encoder:
 
 
 def load_encoder(model: str | None = None, pretrained: str | os.PathLike | None = None, *,
-                 checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 checkpoint: str | os.PathLike | None = None, device: str | torch.device = "auto",
                  trust_pickle: bool = False, quick_gelu: bool | None = None,
                  cache_dir: str | None = None, amp: bool = True) -> Encoder:
     """Load an encoder.
@@ -138,8 +138,12 @@ def load_encoder(model: str | None = None, pretrained: str | os.PathLike | None 
     open_clip tag, default ``openai``; a local file; or ``none``).
     With ``checkpoint`` (a finished ``cxrembed adapt`` run folder): the adapted encoder and
     its head; ``model`` and ``pretrained`` may be omitted, and when given must match what
-    the run was adapted from (ModelError otherwise).
+    the run was adapted from (ModelError otherwise). ``device``: ``auto`` (CUDA when
+    available), ``cpu``, ``cuda`` or ``cuda:N`` (see :func:`cxrembed.device.resolve_device`).
     """
+    from cxrembed.device import resolve_device
+
+    device = resolve_device(device)  # before loading: an impossible device fails at once
     if checkpoint is None:
         model = model or DEFAULT_MODEL
         clip, source = create_clip(model, DEFAULT_PRETRAINED if pretrained is None

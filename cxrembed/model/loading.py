@@ -69,6 +69,13 @@ class WeightsSource:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self) -> str:
+        """A few words for a header: 'openai weights', 'random init (no pretrained
+        weights)', 'weights from FILE', 'adapted run RUN'."""
+        return {"tag": f"{self.name} weights", "file": f"weights from {self.name}",
+                "none": "random init (no pretrained weights)",
+                "run": f"adapted run {self.name}"}.get(self.kind, f"{self.kind} {self.name}")
+
 
 def list_model_names() -> list[str]:
     """Every architecture name open_clip knows, ``cxr-tiny`` included."""

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError
+from cxrembed.files import atomic_write, atomic_write_text
 
 PROGRESS_FILE = "progress.json"
 
@@ -30,9 +32,8 @@ PROGRESS_FILE = "progress.json"
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -143,9 +144,8 @@ class RunState:
             "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
             "complete": self.complete, "files": self.files, "history": self.history, **meta,
         }
-        tmp = state_dir / (PROGRESS_FILE + ".tmp")
-        tmp.write_text(json.dumps(progress, indent=1, default=_jsonable), encoding="utf-8")
-        os.replace(tmp, state_dir / PROGRESS_FILE)
+        atomic_write_text(state_dir / PROGRESS_FILE,
+                          json.dumps(progress, indent=1, default=_jsonable))
         keep = set(self.files.values()) | {PROGRESS_FILE}
         for path in state_dir.iterdir():
             if path.name not in keep:
@@ -179,7 +179,7 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     for arr in (dataset.image_id.astype(str), dataset.split.astype(str)):
         digest.update("\n".join(arr.tolist()).encode())
     digest.update(np.ascontiguousarray(dataset.labels).tobytes())
-    counts = {s: int((dataset.split == s).sum()) for s in ("train", "val", "test")}
+    counts = {s: int((dataset.split == s).sum()) for s in SPLITS}
     return {"images": int(len(dataset)), "splits": counts, "sha256": digest.hexdigest()}
 
 
@@ -191,13 +191,6 @@ def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> lis
 
 OWNED = ("config.json", "metrics.jsonl", "state", "model.safetensors", "model.json",
          "summary.json")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a part."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool,
@@ -261,7 +254,7 @@ def rewrite_metrics(path: Path, epochs_done: int) -> None:
     keep = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done
             and json.loads(line).get("split") != "test"]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_progress(state_dir: Path) -> dict | None:

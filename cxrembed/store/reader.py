@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError, CxrembedError, StoreError
 from cxrembed.labels import LABELS, canonical
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, LABEL_KNOWN, NO_FINDING_KEY,
@@ -191,8 +192,8 @@ class EmbeddingStore:
         """
         keep = np.ones(len(self), dtype=bool)
         if split is not None:
-            if split not in ("train", "val", "test"):
-                raise ConfigError(f"unknown split {split!r}; expected train, val or test")
+            if split not in SPLITS:
+                raise ConfigError(f"unknown split {split!r}; expected {', '.join(SPLITS)}")
             keep &= self.split == split
         if view is not None:
             views = sorted(set(self.view.tolist()) - {""})
@@ -310,9 +311,10 @@ class EmbeddingStore:
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return dict(zip(names, vectors))
 
-    def encoder(self, device: str = "cpu") -> Any:
+    def encoder(self, device: str = "auto") -> Any:
         """Load the encoder that made this store (its weights must be reachable here) and
-        check that its fingerprint is the store's."""
+        check that its fingerprint is the store's. ``device``: see
+        :func:`cxrembed.device.resolve_device`."""
         from cxrembed.model import load_encoder
 
         args = self.attrs.get("load_args")
