@@ -40,7 +40,7 @@ def _show_eval(result: Any, json_out: bool, title: str) -> None:
     table.add_column("class")
     table.add_column("AUC", justify="right")
     table.add_column("95% CI (patients)", justify="right")
-    for i, name in enumerate(LABELS):
+    for i, name in enumerate(getattr(result, "label_names", LABELS)):
         ci = "" if result.ci is None else f"{_f(result.ci.low[i])} - {_f(result.ci.high[i])}"
         table.add_row(name, _f(result.auc[i]), ci)
     ci = "" if result.ci is None else f"{_f(result.ci.mean_low)} - {_f(result.ci.mean_high)}"

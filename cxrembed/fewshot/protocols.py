@@ -33,6 +33,7 @@ class EvalResult:
     ci: BootstrapCI | None
     n_rows: int
     source: dict[str, Any]
+    label_names: tuple[str, ...] = LABELS
 
     @property
     def mean_auc(self) -> float:
@@ -40,7 +41,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": "cxrembed.eval", "protocol": self.protocol, "split": self.split,
-               "n_rows": self.n_rows, "labels": list(LABELS), "auc": per_class_dict(self.auc),
+               "n_rows": self.n_rows, "labels": list(self.label_names),
+               "auc": per_class_dict(self.auc, self.label_names),
                "mean_auc": json_number(self.mean_auc), "source": self.source}
         if self.ci is not None:
             out["ci"] = self.ci.to_dict()
@@ -59,15 +61,16 @@ def _evaluate(protocol: str, data: EvalData, scores_of: Callable[[np.ndarray], n
     if not len(rows):
         raise DataError(f"no {split} rows to evaluate")
     scores = scores_of(rows)
-    y = data.labels[rows]
+    y, known, names = data.labels[rows], data.known[rows], data.label_names
     if bootstrap:
         ci = bootstrap_auc(y, scores, data.patient_id[rows], n_resamples=bootstrap,
-                           level=level, seed=seed)
+                           level=level, seed=seed, names=names, known=known)
         auc = ci.auc
     else:
-        ci, auc = None, per_class_auc(y, scores)
+        ci, auc = None, per_class_auc(y, scores, names=names, known=known)
     return EvalResult(protocol, split, auc, ci, len(rows),
-                      {**data.source, "eval_set": eval_set(split, data.image_id, rows)})
+                      {**data.source, "eval_set": eval_set(split, data.image_id, rows)},
+                      label_names=tuple(names))
 
 
 def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
@@ -81,7 +84,7 @@ def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
     try:
         if data.text is None:
             raise ConfigError("zero-shot needs prompt embeddings (EvalData.text)")
-        head = make_head("zeroshot", text=data.text)
+        head = make_head("zeroshot", text=data.text, label_names=data.label_names)
         return _evaluate("zeroshot", data, lambda rows: head.predict(data.vectors(rows)[1]),
                          split, bootstrap, level, seed)
     finally:

@@ -128,7 +128,7 @@ class MLPHead:
         self.selected: dict[str, Any] = {}
         self.module = None
 
-    def _build(self, in_dim: int) -> Any:
+    def _build(self, in_dim: int, classes: int | None = None) -> Any:
         """The head, initialised from this head's seed (a fork of torch's global RNG)."""
         import torch
 
@@ -136,13 +136,15 @@ class MLPHead:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            module = PaperHead(in_dim=in_dim)
+            module = PaperHead(in_dim=in_dim, **({"num_classes": classes} if classes else {}))
         if self.init_state is not None:
             try:
                 module.load_state_dict(self.init_state, strict=True)
             except RuntimeError as exc:
                 raise ModelError(f"the adapted head's weights do not fit the few-shot head "
-                                 f"(input dim {in_dim}): {str(exc).splitlines()[0]}") from None
+                                 f"(input dim {in_dim}, {classes or 'default'} classes; an "
+                                 "adapted head starts only a head of its own classes): "
+                                 f"{str(exc).splitlines()[0]}") from None
         return module
 
     def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None) -> "MLPHead":
@@ -172,12 +174,13 @@ class MLPHead:
         if len(dims) != 1:
             raise ConfigError(f"fit_many: heads see vectors of different sizes {sorted(dims)}")
         in_dim = dims.pop()
+        classes = int(members[0][1].shape[1])
         with single_thread():  # a stream of tiny products: extra threads only cost here
-            stack = _Stacked([h._build(in_dim) for h in heads])
+            stack = _Stacked([h._build(in_dim, classes) for h in heads])
             trainer = _Trainer(stack, members, [h.seed for h in heads], config)
             trainer.run()
         for i, head in enumerate(heads):
-            module = head._build(in_dim)
+            module = head._build(in_dim, classes)
             module.load_state_dict(trainer.best_state[i] or stack.member_state(i))
             module.eval()
             head.module = module
