@@ -105,8 +105,13 @@ def evaluate(
     seed: SeedOpt = 0,
     out: OutJsonOpt = None,
     json_out: JsonOpt = False,
+    label_map: Annotated[Optional[Path], typer.Option(
+        "--label-map", help="CSV of equivalent findings across vocabularies (header: nih,"
+                            "chexpert,...); default: the shipped NIH/CheXpert/MIMIC/PadChest "
+                            "map. Used when the store's classes are not the head's.")] = None,
 ) -> None:
-    """The adapted model's own head on a split (the figure the paper calls zero-shot)."""
+    """The adapted model's own head on a split (the figure the paper calls zero-shot); on a
+    store of another collection, scored on the classes it shares with the head."""
     from cxrembed.fewshot import evaluate_adapted_head
 
     if Path(head).is_dir():
@@ -123,7 +128,8 @@ def evaluate(
         raise ConfigError(f"unknown --head {head!r}; `evaluate` scores the stored adapted head "
                           "(--head adapted) or a head folder of `cxrembed fit`; for the "
                           "few-shot sweep use `cxrembed fewshot`")
-    result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed)
+    result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed,
+                                   label_map=label_map)
     if out is not None:
         result.save(out)
     _show_eval(result, json_out, "adapted head")

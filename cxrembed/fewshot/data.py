@@ -46,6 +46,11 @@ class EvalData:
     label_names: tuple[str, ...] | None = None
     #: (N, C) bool, False where a label is unknown: left out of AUCs and of shot sampling
     known: np.ndarray | None = None
+    #: the adapted head's classes (the columns of ``head_logits``; default: label_names)
+    head_label_names: tuple[str, ...] | None = None
+    #: the vocabulary of ``label_names`` (a reader: nih, chexpert, ...) and of the head's
+    vocabulary: str = "nih"
+    head_vocabulary: str = "nih"
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels)
@@ -59,6 +64,7 @@ class EvalData:
             self.label_names = (LABELS if classes == len(LABELS)
                                 else tuple(f"class {i}" for i in range(classes)))
         self.label_names = tuple(self.label_names)
+        self.head_label_names = tuple(self.head_label_names or self.label_names)
         if len(self.label_names) != classes:
             raise DataError(f"{len(self.label_names)} label names for {classes} label columns")
         self.known = (np.ones(self.labels.shape, dtype=bool) if self.known is None
@@ -127,6 +133,10 @@ class EvalData:
             head_logits=(lambda rows: store.head_logits(rows)) if store.has_head else None,
             head_state=head_state, image_id=store.image_id,
             label_names=tuple(store.label_names), known=store.label_known,
+            head_label_names=tuple(store.head_label_names) if store.has_head else None,
+            vocabulary=store.dataset,
+            head_vocabulary=("nih" if list(store.head_label_names) == list(LABELS)
+                             else store.dataset),
             source={"store": str(store.path), "model": store.attrs.get("model_name"),
                     "run": store.run, "rows": len(store), "fingerprint": store.fingerprint,
                     "prompts": used})

@@ -175,6 +175,13 @@ class _Sweep:
                               data.label_names)
         self.trained = [h for h in config.heads if h not in TRAINING_FREE]
         self.free = [h for h in config.heads if h in TRAINING_FREE]
+        if ("adapted" in self.free or (config.init == "adapted" and "mlp" in self.trained)) \
+                and list(data.head_label_names) != list(data.label_names):
+            raise ConfigError(
+                f"the adapted head's classes ({', '.join(data.head_label_names)}) are not the "
+                f"store's ({', '.join(data.label_names)}): leave out the adapted head and "
+                "--init adapted here, and score it with `cxrembed evaluate STORE --head "
+                "adapted`, which maps the shared classes")
         self.init_state = (data.adapted_state()
                            if config.init == "adapted" and "mlp" in self.trained else None)
         self.runs: list[dict[str, Any]] = []
