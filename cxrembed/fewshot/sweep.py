@@ -262,12 +262,12 @@ class _Sweep:
         with single_thread():
             if fit_many is not None:
                 t0 = time.perf_counter()
-                fit_many(heads, [d.fit_args(raw) for d in draws])
+                fit_many(heads, [(*d.fit_args(raw), d.known) for d in draws])
                 fit_seconds = [(time.perf_counter() - t0) / len(draws)] * len(draws)
             else:
                 for head, draw in zip(heads, draws):
                     t0 = time.perf_counter()
-                    head.fit(*draw.fit_args(raw))
+                    head.fit(*draw.fit_args(raw), known=draw.known)
                     fit_seconds.append(time.perf_counter() - t0)
             for head, draw, seconds in zip(heads, draws, fit_seconds):
                 t0 = time.perf_counter()
@@ -316,6 +316,9 @@ class _Draw:
                  rows_val: np.ndarray) -> None:
         self.seed, self.rows_train, self.rows_val = seed, rows_train, rows_val
         self.train = (*data.vectors(rows_train), data.labels[rows_train])
+        #: the shots' known-label mask (None when all are known): left out of every fit
+        known = data.known[rows_train]
+        self.known = None if known.all() else known
         self.val = ((*data.vectors(rows_val), data.labels[rows_val]) if len(rows_val)
                     else (None, None, None))
 

@@ -103,6 +103,19 @@ def check_xy(X: Any, Y: Any | None = None, what: str = "X") -> tuple[np.ndarray,
     return X, Y.astype(np.uint8)
 
 
+def check_known(known: Any, Y: np.ndarray) -> np.ndarray | None:
+    """The known-label mask of ``Y`` as bool (n, C), or None when every label is known.
+
+    A head leaves an unknown label out of its fit: it is neither a positive nor a negative
+    of that class for that shot (CheXpert's uncertain under ``--uncertain ignore``)."""
+    if known is None:
+        return None
+    mask = np.asarray(known, dtype=bool)
+    if mask.shape != Y.shape:
+        raise DataError(f"known-label mask {mask.shape} does not match labels {Y.shape}")
+    return None if mask.all() else mask
+
+
 def val_mean_auc(Y_val: np.ndarray, scores: np.ndarray) -> float:
     """Mean AUC over the classes the val sample can score (quiet; NaN if none)."""
     from cxrembed.metrics import mean_auc, per_class_auc

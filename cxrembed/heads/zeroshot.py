@@ -72,8 +72,8 @@ class ZeroShotHead:
         self.logit_scale = float(logit_scale)
         self.selected: dict[str, Any] = {}
 
-    def fit(self, X: Any = None, Y: Any = None, X_val: Any = None, Y_val: Any = None
-            ) -> "ZeroShotHead":
+    def fit(self, X: Any = None, Y: Any = None, X_val: Any = None, Y_val: Any = None,
+            known: Any = None) -> "ZeroShotHead":
         """Nothing to fit (kept so every head is driven alike)."""
         return self
 
