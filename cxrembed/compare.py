@@ -138,9 +138,14 @@ class Comparison:
         return self.published + self.ours
 
     def table1(self) -> list[dict[str, Any]]:
-        """Rows (the 14 classes, then ``Mean``): published columns, then ours."""
+        """Rows (the classes, then ``Mean``): published columns, then ours. The classes are
+        NIH's 14 when any column is NIH's, else those of our results, in first-seen order
+        (a CheXpert or PadChest result keeps its own classes)."""
         rows = []
-        for name in list(LABELS) + ["Mean"]:
+        names = list(dict.fromkeys(n for col in self.ours for n in col.per_class))
+        if self.published or not names or set(LABELS) <= set(names):
+            names = list(LABELS) + [n for n in names if n not in LABELS]
+        for name in names + ["Mean"]:
             row: dict[str, Any] = {"class": name}
             for col in self.columns:
                 row[col.name] = col.mean if name == "Mean" else col.per_class.get(name)

@@ -5,6 +5,9 @@ Conventions a reader can rely on:
 * ``per_class_auc`` equals :func:`sklearn.metrics.roc_auc_score` column by column (ties
   count one half). A class with no positives or no negatives has no AUC: it is NaN with an
   :class:`UndefinedAUCWarning`, never 0.5, and :func:`mean_auc` leaves it out (warning).
+* Unknown labels (``known`` False, e.g. CheXpert's uncertain under ``--uncertain ignore``)
+  are left out of their class's AUC: for class ``c`` only the rows with ``known[:, c]``
+  count, as if the others were not there (never as negatives).
 * ``bootstrap_auc`` resamples *patients* with replacement and takes all of each drawn
   patient's rows (images of one patient are correlated; resampling rows would give
   intervals that are too narrow). Seeded, 1,000 resamples by default, percentile intervals.
@@ -72,7 +75,7 @@ def _names(names: Sequence[str] | None, n: int) -> list[str]:
 
 
 def _warn_undefined(auc: np.ndarray, names: Sequence[str] | None, y: np.ndarray | None,
-                    stacklevel: int = 3) -> None:
+                    stacklevel: int = 3, known: np.ndarray | None = None) -> None:
     undefined = np.flatnonzero(np.isnan(auc))
     if not len(undefined):
         return
@@ -80,8 +83,9 @@ def _warn_undefined(auc: np.ndarray, names: Sequence[str] | None, y: np.ndarray 
     parts = []
     for i in undefined:
         if y is not None:
-            pos = int(y[:, i].sum())
-            parts.append(f"{names[i]} ({pos} positives, {len(y) - pos} negatives)")
+            rows = y[:, i] if known is None else y[known[:, i], i]
+            pos = int(rows.sum())
+            parts.append(f"{names[i]} ({pos} positives, {len(rows) - pos} negatives)")
         else:
             parts.append(names[i])
     warnings.warn(f"AUC undefined for {', '.join(parts)}: reported as NaN and left out of "
@@ -178,18 +182,52 @@ def _patient_index(patient_id: Any, n: int) -> tuple[np.ndarray, int]:
     return index.reshape(-1), int(index.max()) + 1 if n else 0
 
 
+def _known_mask(known: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """The known-label mask as bool ``(n, C)``, or None when every label is known."""
+    if known is None:
+        return None
+    mask = np.asarray(known, dtype=bool)
+    if mask.ndim == 1:
+        mask = mask[:, None]
+    if mask.shape != shape:
+        raise DataError(f"known-label mask of shape {mask.shape} does not match labels "
+                        f"{shape}")
+    return None if mask.all() else mask
+
+
+def _by_class(known: np.ndarray, whole: Any, one: Any) -> list:
+    """Results of ``whole(columns)`` for the fully known classes (together, one call) and
+    ``one(c, rows)`` for each class with unknown rows (on its known rows only)."""
+    full = np.flatnonzero(known.all(axis=0))
+    parts = [(full, whole(full))] if len(full) else []
+    for c in np.flatnonzero(~known.all(axis=0)):
+        parts.append((np.array([c]), one(c, np.flatnonzero(known[:, c]))))
+    return parts
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 
 
 def per_class_auc(y_true: Any, scores: Any, *, names: Sequence[str] | None = None,
-                  warn: bool = True) -> np.ndarray:
+                  warn: bool = True, known: Any = None) -> np.ndarray:
     """ROC AUC of each column, float64 ``(classes,)``; NaN (with a warning) where undefined.
 
     Equal to ``sklearn.metrics.roc_auc_score(y_true[:, c], scores[:, c])`` for every class
-    that has both positives and negatives.
+    that has both positives and negatives; with ``known`` (bool, like ``y_true``), on the
+    rows whose label of that class is known.
     """
     y, s = _as_2d(y_true, scores)
+    mask = _known_mask(known, y.shape)
+    if mask is not None:
+        auc = np.empty(y.shape[1])
+        for cols, part in _by_class(
+                mask, lambda cols: per_class_auc(y[:, cols], s[:, cols], warn=False),
+                lambda c, rows: per_class_auc(y[rows, c], s[rows, c], warn=False)):
+            auc[cols] = part
+        if warn:
+            _warn_undefined(auc, names, y, known=mask)
+        return auc
     auc = np.array([_weighted_auc(y[:, c], s[:, c], None, None)[0] for c in range(y.shape[1])])
     if warn:
         _warn_undefined(auc, names, y)
@@ -231,14 +269,24 @@ def resample_patients(n_patients: int, n_resamples: int = DEFAULT_RESAMPLES, see
 
 
 def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
-                   weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   weights: np.ndarray, known: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Point AUCs ``(C,)`` and the AUCs of every resample ``(B, C)`` in one pass per class.
 
     ``patient_index`` maps rows to ``0..P-1``; ``weights`` is ``(P, B)`` as from
     :func:`resample_patients`. NaN marks an undefined class (point or replicate). Quiet:
-    callers decide what to warn about.
+    callers decide what to warn about. ``known`` leaves unknown labels out of their class
+    (see :func:`per_class_auc`).
     """
     y, s = _as_2d(y_true, scores)
+    mask = _known_mask(known, y.shape)
+    if mask is not None:
+        index = np.asarray(patient_index).reshape(-1)
+        point, reps = np.empty(y.shape[1]), np.empty((weights.shape[1], y.shape[1]))
+        for cols, (p, r) in _by_class(
+                mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights),
+                lambda c, rows: replicate_aucs(y[rows, c], s[rows, c], index[rows], weights)):
+            point[cols], reps[:, cols] = p, r
+        return point, reps
     n_patients = weights.shape[0]
     # Column 0 weights every patient once: the point estimate, through the same code path.
     w = np.empty((n_patients, weights.shape[1] + 1))
@@ -313,19 +361,21 @@ def macro_replicates(point: np.ndarray, replicates: np.ndarray) -> np.ndarray:
 
 def bootstrap_auc(y_true: Any, scores: Any, patient_id: Any, *,
                   n_resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL,
-                  seed: int = 0, names: Sequence[str] | None = None, warn: bool = True
-                  ) -> BootstrapCI:
+                  seed: int = 0, names: Sequence[str] | None = None, warn: bool = True,
+                  known: Any = None) -> BootstrapCI:
     """Per-class and mean AUC with patient-level bootstrap percentile intervals.
 
     Each of ``n_resamples`` resamples draws as many patients as there are, with
     replacement, and takes every row of each drawn patient (as many times as drawn).
+    ``known`` leaves unknown labels out of their class (see :func:`per_class_auc`).
     """
     y, s = _as_2d(y_true, scores)
     index, n_patients = _patient_index(patient_id, len(y))
     weights = resample_patients(n_patients, n_resamples, seed)
-    point, reps = replicate_aucs(y, s, index, weights)
+    point, reps = replicate_aucs(y, s, index, weights, known=known)
     if warn:
-        _warn_undefined(point, names, y)
+        mask = _known_mask(known, y.shape)
+        _warn_undefined(point, names, y, known=mask)
     low, high = percentile_interval(reps, level)
     low[np.isnan(point)] = high[np.isnan(point)] = np.nan
     macro = macro_replicates(point, reps)

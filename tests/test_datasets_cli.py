@@ -83,7 +83,8 @@ def test_cache_and_encode_a_chexpert_folder(chexpert, tmp_path):
     out = tmp_path / "cx.h5"
     result = runner.invoke(app, ["encode", str(chexpert), "--out", str(out), "--model", "cxr-tiny",
                                  "--pretrained", "none", "--pixel-cache", str(pixels),
-                                 "--no-progress", "--json", "--uncertain", "ignore"])
+                                 "--no-progress", "--json", "--uncertain", "ignore",
+                                 "--test-fraction", "0.1"])
     assert result.exit_code == 0, result.output
     with EmbeddingStore.open(out) as store:
         assert store.label_names == list(CHEXPERT_LABELS) and store.dataset == "chexpert"
@@ -98,6 +99,17 @@ def test_cache_and_encode_a_chexpert_folder(chexpert, tmp_path):
         rows = store.select(label="pleural effusion")
         assert list(rows) == list(np.flatnonzero(ds.labels[:, k] & ds.label_known[:, k]))
         assert set(store.view[store.select(view="LATERAL")]) == {"LATERAL"}
+    # zero-shot and few-shot run on the store's own 13 classes, unknown labels left out
+    zs = runner.invoke(app, ["zeroshot", str(out), "--bootstrap", "0", "--split", "train",
+                             "--json"])
+    assert zs.exit_code == 0, zs.output
+    assert list(json.loads(zs.stdout)["auc"]) == list(CHEXPERT_LABELS)
+    fs = runner.invoke(app, ["fewshot", str(out), "--shots", "1", "--seeds", "1",
+                             "--heads", "linear,knn", "--bootstrap", "0", "--no-progress",
+                             "--out", str(tmp_path / "fs"), "--json"])
+    assert fs.exit_code == 0, fs.output
+    saved = json.loads((tmp_path / "fs" / "fewshot.json").read_text())
+    assert saved["labels"] == list(CHEXPERT_LABELS)
 
 
 def test_store_without_a_label_mask_reads_as_all_known(chexpert, tmp_path):

@@ -302,3 +302,80 @@ def test_cli_error_is_one_red_line_and_exit_code_1(world, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 1
     assert "error" in done.stderr and "adapted" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Any label set, with unknown labels
+
+
+NAMES5 = ("Lung Opacity", "Pleural Effusion", "Fracture", "Edema", "Support Devices")
+
+
+@pytest.fixture(scope="module")
+def world5():
+    """The planted world cut to 5 classes with CheXpert's names, 15% of labels unknown."""
+    w = planted(seed=4)
+    rng = np.random.default_rng(5)
+    known = rng.random((len(w["y"]), 5)) > 0.15
+    text = {new: w["text"][old] for new, old in zip(NAMES5, LABELS)}
+    return {**w, "y": w["y"][:, :5].copy(), "known": known, "text": text}
+
+
+def eval5(w, labels=None) -> EvalData:
+    return EvalData(labels=w["y"] if labels is None else labels, patient_id=w["patient"],
+                    split=w["split"], embeddings=w["x"], text=w["text"], label_names=NAMES5,
+                    known=w["known"])
+
+
+def test_any_label_set_leak_free_with_unknown_labels(world5):
+    """The leak test on a 5-class set with a mask: poisoned test labels (known or not)
+    change test AUCs only; unknown test cells change nothing at all; shots are known
+    positives; every AUC equals sklearn's on the known rows."""
+    clean = sweep(eval5(world5), keep_scores=True, shots=(2, 8))
+    assert clean.label_names == NAMES5 and list(clean.runs[0]["auc"]) == list(NAMES5)
+    test = world5["split"] == "test"
+    under_mask = world5["y"].copy()
+    under_mask[test & ~world5["known"].all(axis=1)] ^= (~world5["known"])[
+        test & ~world5["known"].all(axis=1)].astype(np.uint8)
+    masked = sweep(eval5(world5, labels=under_mask), keep_scores=True, shots=(2, 8))
+    assert [r["auc"] for r in masked.runs] == [r["auc"] for r in clean.runs]
+    poisoned_labels = world5["y"].copy()
+    poisoned_labels[test] = 1 - poisoned_labels[test]
+    poisoned = sweep(eval5(world5, labels=poisoned_labels), keep_scores=True, shots=(2, 8))
+    assert clean.samples == poisoned.samples
+    for a, b in zip(clean.runs, poisoned.runs):
+        assert a["selected"] == b["selected"]
+    for key in clean.scores:
+        np.testing.assert_array_equal(clean.scores[key], poisoned.scores[key])
+    for sample in clean.samples:
+        rows = np.array(sample["train_rows"])
+        assert not test[rows].any()
+        positive = (world5["y"][rows] == 1) & world5["known"][rows]
+        nothing = world5["known"][rows].all(axis=1) & (world5["y"][rows].sum(axis=1) == 0)
+        assert (positive.any(axis=1) | nothing).all()  # no shot is there for an unknown
+    from sklearn.metrics import roc_auc_score
+
+    y, k = world5["y"][test], world5["known"][test]
+    for run in clean.runs[:3]:
+        scores = clean.scores[(run["head"], run["shots"], run["seed"])]
+        for c, name in enumerate(NAMES5):
+            assert run["auc"][name] == pytest.approx(
+                roc_auc_score(y[k[:, c], c], scores[k[:, c], c]), abs=1e-9)
+    mean = {(r["head"], r["shots"]): r["mean_auc"]["mean"] for r in clean.summary}
+    assert mean["linear", 8] > 0.65 and mean["zeroshot", 0] > 0.55
+
+
+def test_protocols_on_a_store_of_another_label_set(world5, tmp_path):
+    result = evaluate_zeroshot(eval5(world5), bootstrap=20)
+    assert result.label_names == NAMES5 and list(result.to_dict()["auc"]) == list(NAMES5)
+    test = world5["split"] == "test"
+    assert result.ci.names == NAMES5
+    np.testing.assert_allclose(result.auc, per_class_auc(
+        world5["y"][test], _zs(world5)[test], known=world5["known"][test]), atol=1e-12)
+
+
+def _zs(w):
+    from cxrembed.heads import make_head
+
+    x = w["x"] / np.linalg.norm(w["x"], axis=1, keepdims=True)
+    return make_head("zeroshot", text=w["text"], label_names=NAMES5).predict(x)

@@ -155,3 +155,59 @@ def test_nih_size_bootstrap_is_fast():
     ci = bootstrap_auc(y, scores, pid, n_resamples=1000)
     assert time.perf_counter() - start < 20  # ~1 s on an idle 2-core CPU
     assert ci.defined_mean == 1000
+
+
+# ---------------------------------------------------------------------------------------
+# Any label set, with unknown labels left out
+
+
+def masked_labels(n: int = 900, classes: int = 5, seed: int = 3):
+    """A non-NIH label set (5 classes) with ~20% unknown cells, scores with signal."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, classes)) < 0.3).astype(np.uint8)
+    known = rng.random((n, classes)) > 0.2
+    if classes > 1:
+        known[:, 0] = True  # one fully known class
+    y[~known] = rng.integers(0, 2, (~known).sum())  # what is under the mask must not matter
+    scores = y + rng.normal(size=y.shape)
+    scores[:, -1] = np.round(scores[:, -1], 1)  # ties
+    return y, scores, known, rng.integers(0, n // 3, n)
+
+
+@pytest.mark.parametrize("classes", [1, 5, 13])
+def test_masked_auc_equals_sklearn_on_the_known_rows(classes):
+    y, scores, known, _ = masked_labels(classes=classes)
+    auc = per_class_auc(y, scores, known=known)
+    reference = [roc_auc_score(y[known[:, c], c], scores[known[:, c], c])
+                 for c in range(classes)]
+    np.testing.assert_allclose(auc, reference, rtol=0, atol=1e-12)
+    # the mask changes the answer: unknown cells are not negatives
+    assert not np.allclose(auc[-1], per_class_auc(y, scores)[-1])
+
+
+def test_masked_bootstrap_equals_a_brute_force_resample():
+    y, scores, known, pid = masked_labels(n=300)
+    names = ["Lung Opacity", "Pleural Effusion", "Fracture", "Edema", "Support Devices"]
+    ci = bootstrap_auc(y, scores, pid, known=known, n_resamples=40, seed=5, names=names)
+    np.testing.assert_allclose(ci.auc, per_class_auc(y, scores, known=known), atol=1e-12)
+    assert ci.names == tuple(names)
+    # brute force: draw the same patients, repeat their rows, sklearn on the known ones
+    _, index = np.unique(pid, return_inverse=True)
+    weights = resample_patients(index.max() + 1, 40, 5)
+    point, reps = replicate_aucs(y, scores, index, weights, known=known)
+    for b in (0, 17, 39):
+        rows = np.repeat(np.arange(len(y)), weights[index, b].astype(int))
+        for c in range(y.shape[1]):
+            keep = rows[known[rows, c]]
+            np.testing.assert_allclose(reps[b, c], roc_auc_score(y[keep, c], scores[keep, c]),
+                                       atol=1e-9)
+
+
+def test_masked_class_with_no_known_negative_is_undefined():
+    y = np.array([[1, 1], [0, 0], [1, 1], [0, 0]])
+    known = np.array([[1, 1], [1, 0], [1, 1], [1, 0]], bool)
+    with pytest.warns(UndefinedAUCWarning, match=r"class 1 \(2 positives, 0 negatives\)"):
+        auc = per_class_auc(y, [[0.1, 0.1], [0.2, 0.2], [0.9, 0.9], [0.3, 0.3]], known=known)
+    assert auc[0] == 0.5 and np.isnan(auc[1])
+    with pytest.raises(DataError, match="mask of shape"):
+        per_class_auc(y, y.astype(float), known=known[:, :1].T)

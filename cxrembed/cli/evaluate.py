@@ -37,7 +37,7 @@ def _show_eval(result: Any, json_out: bool, title: str) -> None:
     table.add_column("class")
     table.add_column("AUC", justify="right")
     table.add_column("95% CI (patients)", justify="right")
-    for i, name in enumerate(LABELS):
+    for i, name in enumerate(getattr(result, "label_names", LABELS)):
         ci = "" if result.ci is None else f"{_f(result.ci.low[i])} - {_f(result.ci.high[i])}"
         table.add_row(name, _f(result.auc[i]), ci)
     ci = "" if result.ci is None else f"{_f(result.ci.mean_low)} - {_f(result.ci.mean_high)}"
@@ -102,8 +102,13 @@ def evaluate(
     seed: SeedOpt = 0,
     out: OutJsonOpt = None,
     json_out: JsonOpt = False,
+    label_map: Annotated[Optional[Path], typer.Option(
+        "--label-map", help="CSV of equivalent findings across vocabularies (header: nih,"
+                            "chexpert,...); default: the shipped NIH/CheXpert/MIMIC/PadChest "
+                            "map. Used when the store's classes are not the head's.")] = None,
 ) -> None:
-    """The adapted model's own head on a split (the figure the paper calls zero-shot)."""
+    """The adapted model's own head on a split (the figure the paper calls zero-shot); on a
+    store of another collection, scored on the classes it shares with the head."""
     from cxrembed.fewshot import evaluate_adapted_head
 
     if Path(head).is_dir():
@@ -120,7 +125,8 @@ def evaluate(
         raise ConfigError(f"unknown --head {head!r}; `evaluate` scores the stored adapted head "
                           "(--head adapted) or a head folder of `cxrembed fit`; for the "
                           "few-shot sweep use `cxrembed fewshot`")
-    result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed)
+    result = evaluate_adapted_head(store, split=split, bootstrap=bootstrap, seed=seed,
+                                   label_map=label_map)
     if out is not None:
         result.save(out)
     _show_eval(result, json_out, "adapted head")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError, StoreError
-from cxrembed.labels import LABELS, NUM_CLASSES
+from cxrembed.labels import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class EvalData:
     ``rows -> (k, D)`` (a store reads only the rows asked for). Unit vectors are derived.
     """
 
-    labels: np.ndarray  # (N, 14) 0/1
+    labels: np.ndarray  # (N, C) 0/1, C = len(label_names)
     patient_id: np.ndarray  # (N,)
     split: np.ndarray  # (N,) "train" / "val" / "test"
     embeddings: np.ndarray | Callable[[np.ndarray], np.ndarray]
@@ -42,14 +42,36 @@ class EvalData:
     source: dict[str, Any] = field(default_factory=dict)
     #: called by :meth:`close` (a store opened on the caller's behalf)
     on_close: Callable[[], None] | None = None
+    #: the classes, the column order of ``labels`` (default: NIH's 14)
+    label_names: tuple[str, ...] | None = None
+    #: (N, C) bool, False where a label is unknown: left out of AUCs and of shot sampling
+    known: np.ndarray | None = None
+    #: the adapted head's classes (the columns of ``head_logits``; default: label_names)
+    head_label_names: tuple[str, ...] | None = None
+    #: the vocabulary of ``label_names`` (a reader: nih, chexpert, ...) and of the head's
+    vocabulary: str = "nih"
+    head_vocabulary: str = "nih"
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels)
         self.split = np.asarray(self.split).astype(str)
         self.patient_id = np.asarray(self.patient_id)
         n = len(self.labels)
-        if self.labels.shape != (n, NUM_CLASSES):
-            raise DataError(f"labels must be (N, {NUM_CLASSES}), got {self.labels.shape}")
+        if self.labels.ndim != 2 or not self.labels.shape[1]:
+            raise DataError(f"labels must be (N, classes), got {self.labels.shape}")
+        classes = self.labels.shape[1]
+        if self.label_names is None:
+            self.label_names = (LABELS if classes == len(LABELS)
+                                else tuple(f"class {i}" for i in range(classes)))
+        self.label_names = tuple(self.label_names)
+        self.head_label_names = tuple(self.head_label_names or self.label_names)
+        if len(self.label_names) != classes:
+            raise DataError(f"{len(self.label_names)} label names for {classes} label columns")
+        self.known = (np.ones(self.labels.shape, dtype=bool) if self.known is None
+                      else np.asarray(self.known, dtype=bool))
+        if self.known.shape != self.labels.shape:
+            raise DataError(f"known mask {self.known.shape} does not match labels "
+                            f"{self.labels.shape}")
         for name in ("patient_id", "split"):
             if len(getattr(self, name)) != n:
                 raise DataError(f"{name} has {len(getattr(self, name))} rows, labels {n}")
@@ -98,9 +120,6 @@ class EvalData:
                    ) -> "EvalData":
         """Adapt an EmbeddingStore. Stored prompts need no model; new ones are encoded with
         the store's own text tower (its encoder is loaded only then)."""
-        if list(store.label_names) != list(LABELS):
-            raise DataError(f"store {store.path} orders its labels {store.label_names}; this "
-                            f"cxrembed expects {list(LABELS)}: re-encode the store")
         text, used = (None, None)
         if need_text:
             text, used = store_text(store, prompts)
@@ -114,6 +133,11 @@ class EvalData:
             text=text,
             head_logits=(lambda rows: store.head_logits(rows)) if store.has_head else None,
             head_state=head_state, image_id=store.image_id,
+            label_names=tuple(store.label_names), known=store.label_known,
+            head_label_names=tuple(store.head_label_names) if store.has_head else None,
+            vocabulary=store.dataset,
+            head_vocabulary=("nih" if list(store.head_label_names) == list(LABELS)
+                             else store.dataset),
             source={"store": str(store.path), "model": store.attrs.get("model_name"),
                     "run": store.run, "rows": len(store), "fingerprint": store.fingerprint,
                     "prompts": used})

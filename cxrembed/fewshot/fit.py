@@ -51,7 +51,8 @@ def _fit_trained(kind: str, data: Any, config: FewShotConfig, shots: int | None,
     if kind == "mlp":
         import torch  # noqa: F401  (loaded first so single_thread() pins its threads)
     with single_thread():
-        head.fit(x_train, data.labels[rows_train], x_val, y_val)
+        head.fit(x_train, data.labels[rows_train], x_val, y_val,
+                 known=data.known[rows_train])  # unknown labels left out, as in the sweep
     return head
 
 

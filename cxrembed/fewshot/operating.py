@@ -91,4 +91,5 @@ def evaluate_saved_head(store_path: str | os.PathLike, head: str | os.PathLike, 
                    "before": _ece_block(before, labels, names),
                    "after": _ece_block(prediction.probability, labels, names)}
     return HeadEvalResult(f"saved-head:{saved.kind}", split, auc, ci, int(len(rows)), source,
-                          operating, calibration)
+                          label_names=tuple(names), operating=operating,
+                          calibration=calibration)

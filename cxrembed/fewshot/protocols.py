@@ -33,6 +33,7 @@ class EvalResult:
     ci: BootstrapCI | None
     n_rows: int
     source: dict[str, Any]
+    label_names: tuple[str, ...] = LABELS
 
     @property
     def mean_auc(self) -> float:
@@ -40,7 +41,8 @@ class EvalResult:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"format": "cxrembed.eval", "protocol": self.protocol, "split": self.split,
-               "n_rows": self.n_rows, "labels": list(LABELS), "auc": per_class_dict(self.auc),
+               "n_rows": self.n_rows, "labels": list(self.label_names),
+               "auc": per_class_dict(self.auc, self.label_names),
                "mean_auc": json_number(self.mean_auc), "source": self.source}
         if self.ci is not None:
             out["ci"] = self.ci.to_dict()
@@ -59,15 +61,16 @@ def _evaluate(protocol: str, data: EvalData, scores_of: Callable[[np.ndarray], n
     if not len(rows):
         raise DataError(f"no {split} rows to evaluate")
     scores = scores_of(rows)
-    y = data.labels[rows]
+    y, known, names = data.labels[rows], data.known[rows], data.label_names
     if bootstrap:
         ci = bootstrap_auc(y, scores, data.patient_id[rows], n_resamples=bootstrap,
-                           level=level, seed=seed)
+                           level=level, seed=seed, names=names, known=known)
         auc = ci.auc
     else:
-        ci, auc = None, per_class_auc(y, scores)
+        ci, auc = None, per_class_auc(y, scores, names=names, known=known)
     return EvalResult(protocol, split, auc, ci, len(rows),
-                      {**data.source, "eval_set": eval_set(split, data.image_id, rows)})
+                      {**data.source, "eval_set": eval_set(split, data.image_id, rows)},
+                      label_names=tuple(names))
 
 
 def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
@@ -81,7 +84,7 @@ def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
     try:
         if data.text is None:
             raise ConfigError("zero-shot needs prompt embeddings (EvalData.text)")
-        head = make_head("zeroshot", text=data.text)
+        head = make_head("zeroshot", text=data.text, label_names=data.label_names)
         return _evaluate("zeroshot", data, lambda rows: head.predict(data.vectors(rows)[1]),
                          split, bootstrap, level, seed)
     finally:
@@ -90,11 +93,47 @@ def evaluate_zeroshot(source: Any, *, prompts: Any = None, split: str = "test",
 
 
 def evaluate_adapted_head(source: Any, *, split: str = "test", bootstrap: int = 1000,
-                          level: float = 0.95, seed: int = 0) -> EvalResult:
-    """The adapted model's own head on ``split`` (the figure the paper calls zero-shot)."""
+                          level: float = 0.95, seed: int = 0,
+                          label_map: str | os.PathLike | None = None) -> EvalResult:
+    """The adapted model's own head on ``split`` (the figure the paper calls zero-shot).
+
+    On a store of another collection (an NIH-adapted run encoding CheXpert, say), the head's
+    classes are matched to the store's through the label map (the shipped one, or
+    ``label_map``) and only the shared classes are scored, under the store's names.
+    """
     data = as_eval_data(source, need_text=False)
     try:
-        return _evaluate("adapted-head", data, data.logits, split, bootstrap, level, seed)
+        shared = shared_head_classes(data, label_map)
+        return _evaluate("adapted-head", shared, shared.logits, split, bootstrap, level, seed)
     finally:
         if data is not source:
             data.close()
+
+
+def shared_head_classes(data: EvalData, label_map: str | os.PathLike | None = None
+                        ) -> EvalData:
+    """``data`` cut to the classes its adapted head shares with its labels (itself when
+    they are the same classes); the source records the map used."""
+    if list(data.head_label_names) == list(data.label_names):
+        return data
+    from cxrembed.labelmap import load_label_map
+
+    mapping = load_label_map(label_map)
+    pairs = mapping.pairs(data.head_vocabulary, data.vocabulary, data.head_label_names,
+                          data.label_names)
+    if not pairs:
+        raise DataError(
+            f"the adapted head's classes ({data.head_vocabulary}: "
+            f"{', '.join(data.head_label_names)}) share none with the store's "
+            f"({data.vocabulary}: {', '.join(data.label_names)}) under label map "
+            f"{mapping.source}; pass --label-map FILE naming the equivalent findings")
+    head_cols = [h for h, _ in pairs]
+    cols = [c for _, c in pairs]
+    used = {data.label_names[c]: data.head_label_names[h] for h, c in pairs}
+    return EvalData(
+        labels=data.labels[:, cols], known=data.known[:, cols], patient_id=data.patient_id,
+        split=data.split, embeddings=data.embeddings, image_id=data.image_id,
+        label_names=tuple(data.label_names[c] for c in cols), vocabulary=data.vocabulary,
+        head_logits=lambda rows: data.logits(rows)[:, head_cols],
+        source={**data.source, "label_map": {"file": mapping.source, "head": data.head_vocabulary,
+                                             "store": data.vocabulary, "classes": used}})

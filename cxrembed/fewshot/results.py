@@ -46,9 +46,10 @@ def eval_set(split: str, image_id: np.ndarray | None, rows: np.ndarray) -> dict[
     return {"split": split, "n": int(len(rows)), "ids_sha256": digest}
 
 
-def per_class_dict(values: np.ndarray) -> dict[str, float | None]:
-    """``{class: value}`` in label order, NaN as null."""
-    return {name: json_number(v) for name, v in zip(LABELS, values)}
+def per_class_dict(values: np.ndarray, names: Any = None) -> dict[str, float | None]:
+    """``{class: value}`` in label order (``names``, default NIH's 14), NaN as null."""
+    return {name: json_number(v) for name, v in zip(LABELS if names is None else names,
+                                                     values)}
 
 
 @dataclass
@@ -63,9 +64,11 @@ class FewShotResult:
     timing: dict[str, Any]
     #: test scores per (head, shots, seed) when asked for (keep_scores=True)
     scores: dict[tuple[str, int, int | None], np.ndarray] | None = None
+    #: the classes scored (the store's own label names)
+    label_names: tuple[str, ...] = LABELS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": RESULT_FORMAT, "format_version": 1, "labels": list(LABELS),
+        return {"format": RESULT_FORMAT, "format_version": 1, "labels": list(self.label_names),
                 "config": dataclasses.asdict(self.config), "source": self.source,
                 "summary": self.summary, "runs": self.runs, "samples": self.samples,
                 "timing": self.timing}
@@ -194,6 +197,8 @@ def plot_fewshot(summary: list[dict[str, Any]], path: str | os.PathLike) -> Path
             ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="none", ecolor=color,
                         capsize=3, linewidth=1)
     if shots_all:
+        if not ax.has_data() or not np.isfinite(ax.dataLim.bounds).all():
+            ax.set_xlim(min(shots_all) / 1.5, max(shots_all) * 1.5)  # every mean undefined
         ax.set_xscale("log", base=2)
         ax.set_xticks(shots_all, [str(k) for k in shots_all])
     ax.set_xlabel("shots per class")

@@ -19,16 +19,24 @@ def seeded_rng(*entropy: int) -> np.random.Generator:
 
 
 def shot_orders(labels: np.ndarray, candidates: np.ndarray, rng: np.random.Generator,
-                no_finding: bool = True) -> list[np.ndarray]:
+                no_finding: bool = True, known: np.ndarray | None = None) -> list[np.ndarray]:
     """For each class (then "No Finding" when asked), its candidate rows in random order.
 
     Taking the first K of every list gives a K-shot sample; K < K' samples are nested.
+    With ``known`` (bool like ``labels``), a class's shots are its *known* positives, and a
+    "No Finding" shot has every label known and negative.
     """
     candidates = np.asarray(candidates, dtype=np.int64)
     sub = labels[candidates]
-    orders = [rng.permutation(candidates[sub[:, c] == 1]) for c in range(labels.shape[1])]
+    if known is not None:
+        sure = np.asarray(known, dtype=bool)[candidates]
+        positive = (sub == 1) & sure
+        none = sure.all(axis=1) & (sub.sum(axis=1) == 0)
+    else:
+        positive, none = sub == 1, sub.sum(axis=1) == 0
+    orders = [rng.permutation(candidates[positive[:, c]]) for c in range(labels.shape[1])]
     if no_finding:
-        orders.append(rng.permutation(candidates[sub.sum(axis=1) == 0]))
+        orders.append(rng.permutation(candidates[none]))
     return orders
 
 

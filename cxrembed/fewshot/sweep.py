@@ -23,7 +23,6 @@ from cxrembed.fewshot.data import EvalData, as_eval_data
 from cxrembed.fewshot.results import FewShotResult, eval_set, json_number, per_class_dict
 from cxrembed.fewshot.sampling import seeded_rng, shot_orders, take_shots
 from cxrembed.heads.base import single_thread
-from cxrembed.labels import LABELS, NUM_CLASSES
 from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percentile_interval,
                               replicate_aucs, resample_patients)
 
@@ -32,8 +31,11 @@ class _Scorer:
     """Point AUCs and patient-bootstrap replicates on the test split, resamples shared by
     every head and shot count (so cells are compared on the same resamples)."""
 
-    def __init__(self, labels: np.ndarray, patient_id: np.ndarray, config: FewShotConfig):
-        self.labels = labels
+    def __init__(self, labels: np.ndarray, patient_id: np.ndarray, config: FewShotConfig,
+                 known: np.ndarray | None = None, names: tuple[str, ...] | None = None):
+        self.labels, self.known = labels, known
+        self.names = tuple(names) if names is not None else tuple(
+            f"class {i}" for i in range(labels.shape[1]))
         self.index = np.unique(patient_id, return_inverse=True)[1].reshape(-1)
         self.method = config.ci if config.bootstrap else "none"
         self.level = config.level
@@ -47,11 +49,11 @@ class _Scorer:
         if self.weights is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return per_class_auc(self.labels, scores, warn=False), None
+                return per_class_auc(self.labels, scores, warn=False, known=self.known), None
         w = self.weights
         if seed_slot is not None and self.method == "pooled":
             w = self.weights[:, seed_slot::self.seeds]
-        return replicate_aucs(self.labels, scores, self.index, w)
+        return replicate_aucs(self.labels, scores, self.index, w, known=self.known)
 
     def summarise(self, points: list[np.ndarray], reps: list[np.ndarray | None],
                   training_free: bool) -> dict[str, Any]:
@@ -60,9 +62,10 @@ class _Scorer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean_c = points_arr.mean(axis=0)
-            std_c = points_arr.std(axis=0, ddof=1) if len(points) > 1 else np.zeros(NUM_CLASSES)
+            std_c = (points_arr.std(axis=0, ddof=1) if len(points) > 1
+                     else np.zeros(len(self.names)))
         macro = np.array([mean_auc(p, warn=False) for p in points_arr])
-        low_c = high_c = np.full(NUM_CLASSES, np.nan)
+        low_c = high_c = np.full(len(self.names), np.nan)
         mean_low = mean_high = float("nan")
         if reps[0] is not None:
             if training_free or self.method == "full":
@@ -82,7 +85,8 @@ class _Scorer:
                          "ci_low": json_number(mean_low), "ci_high": json_number(mean_high)},
             "per_class": {name: {"mean": json_number(m), "std": json_number(s),
                                  "ci_low": json_number(lo), "ci_high": json_number(hi)}
-                          for name, m, s, lo, hi in zip(LABELS, mean_c, std_c, low_c, high_c)},
+                          for name, m, s, lo, hi in zip(self.names, mean_c, std_c, low_c,
+                                                        high_c)},
         }
 
 
@@ -113,7 +117,8 @@ def draw_sample(data: EvalData, config: FewShotConfig, shots: int, seed: int
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of the sweep's draw ``seed`` at ``shots``: train shots and the val sample."""
     orders = [shot_orders(data.labels, data.rows(split), seeded_rng(config.seed, seed, stream),
-                          config.no_finding) for split, stream in (("train", 0), ("val", 1))]
+                          config.no_finding, data.known)
+              for split, stream in (("train", 0), ("val", 1))]
     rows_val = take_shots(orders[1], shots) if len(data.rows("val")) else np.zeros(0, np.int64)
     return take_shots(orders[0], shots), rows_val
 
@@ -166,9 +171,17 @@ class _Sweep:
                             f"{len(self.train)} train, {len(self.test)} {config.test_split}")
         self.x_test_raw, self.x_test_unit = data.vectors(self.test)
         self.scorer = _Scorer(data.labels[self.test].astype(np.uint8),
-                              data.patient_id[self.test], config)
+                              data.patient_id[self.test], config, data.known[self.test],
+                              data.label_names)
         self.trained = [h for h in config.heads if h not in TRAINING_FREE]
         self.free = [h for h in config.heads if h in TRAINING_FREE]
+        if ("adapted" in self.free or (config.init == "adapted" and "mlp" in self.trained)) \
+                and list(data.head_label_names) != list(data.label_names):
+            raise ConfigError(
+                f"the adapted head's classes ({', '.join(data.head_label_names)}) are not the "
+                f"store's ({', '.join(data.label_names)}): leave out the adapted head and "
+                "--init adapted here, and score it with `cxrembed evaluate STORE --head "
+                "adapted`, which maps the shared classes")
         self.init_state = (data.adapted_state()
                            if config.init == "adapted" and "mlp" in self.trained else None)
         self.runs: list[dict[str, Any]] = []
@@ -208,7 +221,8 @@ class _Sweep:
             if head == "adapted":
                 scores = self.data.logits(self.test)
             else:
-                scores = make_head("zeroshot", text=self.data.text).predict(self.x_test_unit)
+                scores = make_head("zeroshot", text=self.data.text,
+                                   label_names=self.data.label_names).predict(self.x_test_unit)
             self.record(head, 0, None, scores, time.perf_counter() - t0, {})
 
     def score_few_shot(self, progress: bool) -> None:
@@ -248,12 +262,12 @@ class _Sweep:
         with single_thread():
             if fit_many is not None:
                 t0 = time.perf_counter()
-                fit_many(heads, [d.fit_args(raw) for d in draws])
+                fit_many(heads, [(*d.fit_args(raw), d.known) for d in draws])
                 fit_seconds = [(time.perf_counter() - t0) / len(draws)] * len(draws)
             else:
                 for head, draw in zip(heads, draws):
                     t0 = time.perf_counter()
-                    head.fit(*draw.fit_args(raw))
+                    head.fit(*draw.fit_args(raw), known=draw.known)
                     fit_seconds.append(time.perf_counter() - t0)
             for head, draw, seconds in zip(heads, draws, fit_seconds):
                 t0 = time.perf_counter()
@@ -269,7 +283,7 @@ class _Sweep:
         for run, future in self.pending:
             point, reps, seconds = future.result()
             scoring_seconds += seconds
-            run["auc"] = per_class_dict(point)
+            run["auc"] = per_class_dict(point, self.data.label_names)
             run["mean_auc"] = json_number(mean_auc(point, warn=False))
             bucket = collected.setdefault((run["head"], run["shots"]), ([], []))
             bucket[0].append(point)
@@ -292,7 +306,7 @@ class _Sweep:
                          "level": config.level, "unit": "patient", "seed": config.seed}}
         return FewShotResult(config=config, runs=self.runs, summary=summary,
                              samples=self.samples, source=source, timing=timing,
-                             scores=self.scores)
+                             scores=self.scores, label_names=self.data.label_names)
 
 
 class _Draw:
@@ -302,6 +316,9 @@ class _Draw:
                  rows_val: np.ndarray) -> None:
         self.seed, self.rows_train, self.rows_val = seed, rows_train, rows_val
         self.train = (*data.vectors(rows_train), data.labels[rows_train])
+        #: the shots' known-label mask (None when all are known): left out of every fit
+        known = data.known[rows_train]
+        self.known = None if known.all() else known
         self.val = ((*data.vectors(rows_val), data.labels[rows_val]) if len(rows_val)
                     else (None, None, None))
 

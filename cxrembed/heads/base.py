@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
-from cxrembed.labels import NUM_CLASSES
 
 
 @runtime_checkable
@@ -88,7 +87,7 @@ def build_config(config_cls: type, options: dict[str, Any], head: str) -> Any:
 
 
 def check_xy(X: Any, Y: Any | None = None, what: str = "X") -> tuple[np.ndarray, np.ndarray | None]:
-    """Validated float32 ``X`` (n, D) and uint8 ``Y`` (n, 14)."""
+    """Validated float32 ``X`` (n, D) and uint8 ``Y`` (n, C), any number of classes."""
     X = np.asarray(X, dtype=np.float32)
     if X.ndim != 2 or not len(X):
         raise DataError(f"{what} must be a non-empty (n, D) array, got shape {X.shape}")
@@ -97,11 +96,24 @@ def check_xy(X: Any, Y: Any | None = None, what: str = "X") -> tuple[np.ndarray,
     if Y is None:
         return X, None
     Y = np.asarray(Y)
-    if Y.shape != (len(X), NUM_CLASSES):
-        raise DataError(f"labels for {what} must be ({len(X)}, {NUM_CLASSES}), got {Y.shape}")
+    if Y.ndim != 2 or len(Y) != len(X) or not Y.shape[1]:
+        raise DataError(f"labels for {what} must be ({len(X)}, classes), got {Y.shape}")
     if not np.isin(Y, (0, 1)).all():
         raise DataError(f"labels for {what} must be 0/1")
     return X, Y.astype(np.uint8)
+
+
+def check_known(known: Any, Y: np.ndarray) -> np.ndarray | None:
+    """The known-label mask of ``Y`` as bool (n, C), or None when every label is known.
+
+    A head leaves an unknown label out of its fit: it is neither a positive nor a negative
+    of that class for that shot (CheXpert's uncertain under ``--uncertain ignore``)."""
+    if known is None:
+        return None
+    mask = np.asarray(known, dtype=bool)
+    if mask.shape != Y.shape:
+        raise DataError(f"known-label mask {mask.shape} does not match labels {Y.shape}")
+    return None if mask.all() else mask
 
 
 def val_mean_auc(Y_val: np.ndarray, scores: np.ndarray) -> float:

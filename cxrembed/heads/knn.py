@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.heads.base import build_config, check_xy, inverse_norms, register_head
+from cxrembed.heads.base import (build_config, check_known, check_xy, inverse_norms,
+                                 register_head)
 
 
 @dataclass
@@ -60,8 +61,10 @@ class KNNHead:
         self._index = None
         self._labels: np.ndarray | None = None
 
-    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None) -> "KNNHead":
-        """Index the shots (val is not used: nothing is tuned)."""
+    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None, known: Any = None
+            ) -> "KNNHead":
+        """Index the shots (val is not used: nothing is tuned). ``known``: a neighbour whose
+        label of a class is unknown has no vote on that class."""
         try:
             import faiss
         except ImportError:  # pragma: no cover - faiss-cpu is a dependency
@@ -71,6 +74,7 @@ class KNNHead:
         self._index = faiss.IndexFlatIP(keys.shape[1])
         self._index.add(keys)
         self._labels = Y
+        self._known = check_known(known, Y)
         self.selected = {"k": min(self.config.k, len(X)), "temperature": self.config.temperature}
         return self
 
@@ -85,4 +89,9 @@ class KNNHead:
     def predict(self, X: Any) -> np.ndarray:
         """``(n, 14)`` weighted share of neighbours positive for each class."""
         sim, idx = self.neighbours(X)
-        return weighted_vote(sim, idx, self._labels, self.config.temperature)
+        if getattr(self, "_known", None) is None:
+            return weighted_vote(sim, idx, self._labels, self.config.temperature)
+        known = self._known.astype(np.float64)
+        votes = weighted_vote(sim, idx, self._labels * known, self.config.temperature)
+        weight = weighted_vote(sim, idx, known, self.config.temperature)
+        return np.divide(votes, weight, out=np.zeros_like(votes), where=weight > 0)

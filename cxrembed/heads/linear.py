@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.heads.base import (build_config, check_xy, has_val, inverse_norms,
+from cxrembed.heads.base import (build_config, check_known, check_xy, has_val, inverse_norms,
                                  register_head, single_thread, val_mean_auc)
 
 
@@ -141,20 +141,26 @@ class LinearHead:
         self.coef_: np.ndarray | None = None  # (D, 14)
         self.intercept_: np.ndarray | None = None  # (14,)
 
-    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None) -> "LinearHead":
-        """Fit every candidate C at once; keep the one with the best val mean AUC."""
+    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None, known: Any = None
+            ) -> "LinearHead":
+        """Fit every candidate C at once; keep the one with the best val mean AUC.
+        ``known``: unknown labels are left out (a zero target: no loss gradient)."""
         with single_thread():  # small products: one BLAS thread is faster
-            return self._fit(X, Y, X_val, Y_val)
+            return self._fit(X, Y, X_val, Y_val, known)
 
-    def _fit(self, X: Any, Y: Any, X_val: Any, Y_val: Any) -> "LinearHead":
+    def _fit(self, X: Any, Y: Any, X_val: Any, Y_val: Any, known: Any = None) -> "LinearHead":
         X, Y = check_xy(X, Y)
         X = _unit(X)
+        mask = check_known(known, Y)
         n_classes = Y.shape[1]
-        pos = Y.sum(axis=0)
-        fittable = np.flatnonzero((pos > 0) & (pos < len(Y)))
+        sure = np.ones(Y.shape, dtype=bool) if mask is None else mask
+        pos = (Y.astype(bool) & sure).sum(axis=0)
+        neg = (~Y.astype(bool) & sure).sum(axis=0)
+        fittable = np.flatnonzero((pos > 0) & (neg > 0))
         use_val = has_val(X_val, Y_val)
         Cs = tuple(self.config.Cs) if use_val else (self.config.default_C,)
         T = 2.0 * Y[:, fittable].astype(np.float64) - 1.0
+        T *= sure[:, fittable]  # an unknown label: target 0, constant loss, no gradient
         T_all = np.tile(T, (1, len(Cs)))
         C_all = np.repeat(np.asarray(Cs, dtype=np.float64), len(fittable))
         W, b, info = fit_logistic(X, T_all, C_all, self.config.max_iter, self.config.tol)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError, ModelError
-from cxrembed.heads.base import (build_config, check_xy, has_val, register_head,
+from cxrembed.heads.base import (build_config, check_known, check_xy, has_val, register_head,
                                  single_thread, val_mean_auc)
 
 
@@ -128,7 +128,7 @@ class MLPHead:
         self.selected: dict[str, Any] = {}
         self.module = None
 
-    def _build(self, in_dim: int) -> Any:
+    def _build(self, in_dim: int, classes: int | None = None) -> Any:
         """The head, initialised from this head's seed (a fork of torch's global RNG)."""
         import torch
 
@@ -136,24 +136,29 @@ class MLPHead:
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            module = PaperHead(in_dim=in_dim)
+            module = PaperHead(in_dim=in_dim, **({"num_classes": classes} if classes else {}))
         if self.init_state is not None:
             try:
                 module.load_state_dict(self.init_state, strict=True)
             except RuntimeError as exc:
                 raise ModelError(f"the adapted head's weights do not fit the few-shot head "
-                                 f"(input dim {in_dim}): {str(exc).splitlines()[0]}") from None
+                                 f"(input dim {in_dim}, {classes or 'default'} classes; an "
+                                 "adapted head starts only a head of its own classes): "
+                                 f"{str(exc).splitlines()[0]}") from None
         return module
 
-    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None) -> "MLPHead":
-        """Train on the shots; keep the epoch with the best val mean AUC."""
-        self.fit_many([self], [(X, Y, X_val, Y_val)])
+    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None, known: Any = None
+            ) -> "MLPHead":
+        """Train on the shots; keep the epoch with the best val mean AUC. ``known``:
+        unknown labels are left out of the loss."""
+        self.fit_many([self], [(X, Y, X_val, Y_val, known)])
         return self
 
     @classmethod
     def fit_many(cls, heads: list["MLPHead"], data: list[tuple[Any, Any, Any, Any]]
                  ) -> list["MLPHead"]:
-        """Train ``heads[i]`` on ``data[i] = (X, Y, X_val, Y_val)``, all at once."""
+        """Train ``heads[i]`` on ``data[i] = (X, Y, X_val, Y_val[, known])``, all at once;
+        an unknown label (``known`` False) is left out of the loss."""
         import torch
 
         if len(heads) != len(data) or not heads:
@@ -162,22 +167,25 @@ class MLPHead:
         if any(h.config != config for h in heads):
             raise ConfigError("fit_many trains heads of one configuration only")
         members = []
-        for head, (X, Y, X_val, Y_val) in zip(heads, data):
+        for head, (X, Y, X_val, Y_val, *known) in zip(heads, data):
             X, Y = check_xy(X, Y)
+            mask = check_known(known[0] if known else None, Y)
             val = None
             if has_val(X_val, Y_val):
                 val = check_xy(X_val, Y_val, "X_val")
-            members.append((torch.from_numpy(X), torch.from_numpy(Y.astype(np.float32)), val))
+            members.append((torch.from_numpy(X), torch.from_numpy(Y.astype(np.float32)), val,
+                            None if mask is None else torch.from_numpy(mask.astype(np.float32))))
         dims = {m[0].shape[1] for m in members}
         if len(dims) != 1:
             raise ConfigError(f"fit_many: heads see vectors of different sizes {sorted(dims)}")
         in_dim = dims.pop()
+        classes = int(members[0][1].shape[1])
         with single_thread():  # a stream of tiny products: extra threads only cost here
-            stack = _Stacked([h._build(in_dim) for h in heads])
+            stack = _Stacked([h._build(in_dim, classes) for h in heads])
             trainer = _Trainer(stack, members, [h.seed for h in heads], config)
             trainer.run()
         for i, head in enumerate(heads):
-            module = head._build(in_dim)
+            module = head._build(in_dim, classes)
             module.load_state_dict(trainer.best_state[i] or stack.member_state(i))
             module.eval()
             head.module = module
@@ -244,12 +252,14 @@ class _Trainer:
             width = max(len(r) for r in rows.values())
             x = torch.zeros(len(stepping), width, dim)
             y = torch.zeros(len(stepping), width, classes)
-            weight = torch.zeros(len(stepping), width, 1)
+            weight = torch.zeros(len(stepping), width, classes)
             for j, i in enumerate(stepping):
                 r = rows[i]
                 x[j, :len(r)] = self.members[i][0][r]
                 y[j, :len(r)] = self.members[i][1][r]
                 weight[j, :len(r)] = 1.0 / (len(r) * classes)  # BCE mean over its own batch
+                if self.members[i][3] is not None:  # unknown labels: out of the loss
+                    weight[j, :len(r)] *= self.members[i][3][r]
 
             def dropout(shape: tuple, p: float) -> Any:
                 keep = torch.ones(shape)

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.heads.base import (build_config, check_xy, cosine, has_val, register_head,
+from cxrembed.heads.base import (build_config, check_known, check_xy, cosine, has_val,
+                                 register_head,
                                  single_thread, val_mean_auc)
 from cxrembed.heads.zeroshot import CLIP_LOGIT_SCALE, TextEmbeddings, ZeroShotHead
 
@@ -65,11 +66,16 @@ class TipAdapterHead:
         np.exp(affinity, out=affinity)
         return (affinity @ self._values).astype(np.float64)
 
-    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None) -> "TipAdapterHead":
-        """Build the cache from the shots; pick alpha and beta on the val pair."""
+    def fit(self, X: Any, Y: Any, X_val: Any = None, Y_val: Any = None, known: Any = None
+            ) -> "TipAdapterHead":
+        """Build the cache from the shots; pick alpha and beta on the val pair. An unknown
+        label (``known`` False) has value 0 in the cache: neither for nor against."""
         X, Y = check_xy(X, Y)
         self._keys = _unit(X)
         self._values = 2.0 * Y.astype(np.float32) - 1.0
+        mask = check_known(known, Y)
+        if mask is not None:
+            self._values *= mask
         alpha, beta, by, best = self.config.default_alpha, self.config.default_beta, "default", None
         if has_val(X_val, Y_val):
             X_val, Y_val = check_xy(X_val, Y_val, "X_val")

@@ -22,7 +22,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.heads.base import check_xy, cosine, register_head
-from cxrembed.labels import LABELS
+from cxrembed.labels import NO_FINDING
 
 #: CLIP's learned logit scale (100 after clamping) used for text logits in Tip-Adapter.
 CLIP_LOGIT_SCALE = 100.0
@@ -30,12 +30,16 @@ CLIP_LOGIT_SCALE = 100.0
 TextEmbeddings = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 
-def class_text_vectors(text: TextEmbeddings) -> tuple[np.ndarray, np.ndarray]:
-    """Unit ``(14, D)`` positive and negative class vectors from per-class prompt embeddings.
+def class_text_vectors(text: TextEmbeddings, label_names: Any = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Unit ``(C, D)`` positive and negative class vectors from per-class prompt embeddings,
+    in ``label_names`` order (default: the order of ``text``, No Finding left out).
 
     Each side's template embeddings are normalised, averaged, and normalised again.
     """
-    missing = [name for name in LABELS if name not in text]
+    names = (list(label_names) if label_names is not None
+             else [n for n in text if n.lower() != NO_FINDING.lower()])
+    missing = [name for name in names if name not in text]
     if missing:
         raise DataError(f"no prompt embeddings for {', '.join(missing)}")
 
@@ -47,8 +51,8 @@ def class_text_vectors(text: TextEmbeddings) -> tuple[np.ndarray, np.ndarray]:
         mean = v.mean(axis=0)
         return mean / max(np.linalg.norm(mean), 1e-12)
 
-    pos = np.stack([side(text[name][0], name) for name in LABELS])
-    neg = np.stack([side(text[name][1], name) for name in LABELS])
+    pos = np.stack([side(text[name][0], name) for name in names])
+    neg = np.stack([side(text[name][1], name) for name in names])
     return pos, neg
 
 
@@ -60,16 +64,16 @@ class ZeroShotHead:
     needs_text = True
 
     def __init__(self, text: TextEmbeddings | None = None, seed: int = 0,
-                 logit_scale: float = CLIP_LOGIT_SCALE) -> None:
+                 logit_scale: float = CLIP_LOGIT_SCALE, label_names: Any = None) -> None:
         if text is None:
             raise ConfigError("the zeroshot head needs prompt embeddings (text=...); the "
                               "store must have a text tower")
-        self.pos, self.neg = class_text_vectors(text)
+        self.pos, self.neg = class_text_vectors(text, label_names)
         self.logit_scale = float(logit_scale)
         self.selected: dict[str, Any] = {}
 
-    def fit(self, X: Any = None, Y: Any = None, X_val: Any = None, Y_val: Any = None
-            ) -> "ZeroShotHead":
+    def fit(self, X: Any = None, Y: Any = None, X_val: Any = None, Y_val: Any = None,
+            known: Any = None) -> "ZeroShotHead":
         """Nothing to fit (kept so every head is driven alike)."""
         return self
 
