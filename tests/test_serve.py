@@ -183,7 +183,7 @@ def test_uploads_are_checked(store_path, nih):
         huge = client.post("/api/search", files={"image": ("a.png", b"\x89PNG" + b"0" * 200_000)})
         assert huge.status_code == 413  # refused by the body limit before parsing
         html = client.post("/api/search", files={"image": ("x.png", b"<html>hi</html>")})
-        assert html.status_code == 415 and "not a PNG or JPEG" in html.json()["error"]
+        assert html.status_code == 415 and "not a PNG, JPEG or DICOM" in html.json()["error"]
         broken = client.post("/api/search",
                              files={"image": ("y.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 100)})
         assert broken.status_code == 422 and "y.png" in broken.json()["error"]
@@ -194,6 +194,26 @@ def test_uploads_are_checked(store_path, nih):
         assert no_head.status_code == 400 and "--head" in no_head.json()["error"]
     finally:
         service.close()
+
+
+def test_dicom_upload_finds_what_the_same_png_finds(client, nih, tmp_path):
+    """A DICOM of the same pixels as a PNG is the same query (the decoder reads both)."""
+    import cv2
+
+    pytest.importorskip("pydicom")
+    from dicom_files import write_dicom
+
+    pixels = cv2.imread(str(nih.path[6]), cv2.IMREAD_UNCHANGED)
+    dicom = write_dicom(tmp_path / "scan.dcm", pixels).read_bytes()
+    assert dicom[128:132] == b"DICM"
+    ask = {"k": 5, "split": "train"}
+    from_png = client.post("/api/search", params=ask,
+                           files={"image": ("scan.png", Path(nih.path[6]).read_bytes())})
+    from_dicom = client.post("/api/search", params=ask, files={"image": ("scan.dcm", dicom)})
+    unnamed = client.post("/api/search", params=ask, files={"image": ("blob", dicom)})
+    assert from_dicom.status_code == 200, from_dicom.text
+    assert from_dicom.json()["hits"] == from_png.json()["hits"] == unnamed.json()["hits"]
+    assert unnamed.json()["query"]["value"] == "upload.dcm"
 
 
 def test_upload_name_cannot_choose_a_path(client, nih):

@@ -5,7 +5,7 @@ Routes (JSON unless said; every error is ``{"error": message}`` with a 4xx statu
 - ``GET /``: the page (``static/index.html``; its script and style under ``/static/``).
 - ``GET /api/store``: what the store holds and what can be asked.
 - ``GET /api/search?id=ID|text=TEXT&k=10&split=test&exclude_same_patient=1``
-- ``POST /api/search`` (multipart ``image``: PNG or JPEG; the same query options).
+- ``POST /api/search`` (multipart ``image``: PNG, JPEG or DICOM; the same query options).
 - ``GET /api/thumb/{id}``: a PNG thumbnail of a stored image (ids of the store only).
 - ``POST /api/predict`` (multipart ``image``), when the server has a head.
 

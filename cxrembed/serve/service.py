@@ -5,7 +5,7 @@ metadata, its FAISS index, and its encoder, loaded on the first query that needs
 answers queries through :mod:`cxrembed.search`, so a query gives exactly what the command
 gives. It knows nothing of HTTP: :mod:`cxrembed.serve.app` maps it onto routes.
 
-Uploaded bytes are checked (size, PNG/JPEG signature) before anything decodes them, and
+Uploaded bytes are checked (size, PNG/JPEG/DICOM signature) before anything decodes them, and
 are written to a private temporary folder under a sanitised name so they go through the
 same decoding as ``cxrembed search --image``. Thumbnails are served for stored ids only:
 the path is the store's record of the image, never one from the client.
@@ -34,8 +34,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-#: The first bytes of the file kinds accepted as uploads.
+#: The first bytes of the file kinds accepted as uploads (DICOM: ``DICM`` at byte 128).
 SIGNATURES = {".png": b"\x89PNG\r\n\x1a\n", ".jpg": b"\xff\xd8\xff"}
+#: File name suffixes kept for each kind (the decoder tells DICOM by suffix or magic).
+SUFFIXES = {".png": (".png",), ".jpg": (".jpg", ".jpeg"), ".dcm": (".dcm", ".dicom")}
 
 
 class UnknownImage(StoreError):
@@ -51,7 +53,7 @@ class UploadTooLarge(DataError):
 
 
 class NotAnImage(DataError):
-    """An upload that is not a PNG or JPEG (HTTP 415)."""
+    """An upload that is not a PNG, JPEG or DICOM (HTTP 415)."""
 
 
 @dataclass
@@ -152,7 +154,7 @@ class StoreService:
 
     def search_image(self, data: bytes, filename: str | None = None, *, k: int = 10,
                      split: str | None = None, exclude_same_patient: bool = False) -> dict:
-        """Neighbours of an uploaded PNG/JPEG, encoded with the store's encoder. A file name
+        """Neighbours of an uploaded PNG/JPEG/DICOM, encoded with the store's encoder. A file name
         that is a stored id (or an NIH name) identifies the query image and its patient,
         as ``cxrembed search --image`` does."""
         with self.uploaded(data, filename) as path:
@@ -193,7 +195,8 @@ class StoreService:
     # Uploads and thumbnails
 
     def check_upload(self, data: bytes, filename: str | None) -> str:
-        """The file suffix of an acceptable upload; UploadTooLarge or NotAnImage otherwise."""
+        """The file suffix of an acceptable upload (PNG, JPEG, DICOM); UploadTooLarge or
+        NotAnImage otherwise."""
         limit = self.limits.max_upload_bytes
         if len(data) > limit:
             raise UploadTooLarge(f"upload {filename or ''} is {len(data):,} bytes; the limit "
@@ -202,7 +205,9 @@ class StoreService:
         for suffix, signature in SIGNATURES.items():
             if data.startswith(signature):
                 return suffix
-        raise NotAnImage(f"upload {filename or '(no name)'} is not a PNG or JPEG image "
+        if data[128:132] == b"DICM":
+            return ".dcm"
+        raise NotAnImage(f"upload {filename or '(no name)'} is not a PNG, JPEG or DICOM image "
                          f"(first bytes {data[:8]!r})")
 
     def uploaded(self, data: bytes, filename: str | None) -> "_Upload":
@@ -257,9 +262,8 @@ class _Upload:
 
     def __init__(self, data: bytes, filename: str | None, suffix: str) -> None:
         name = Path(filename or "").name
-        if not _SAFE_NAME.match(name) or Path(name).suffix.lower() not in (
-                ".png", ".jpg", ".jpeg"):
-            name = "upload" + suffix
+        if not _SAFE_NAME.match(name) or Path(name).suffix.lower() not in SUFFIXES[suffix]:
+            name = "upload" + suffix  # the decoder goes by the content's own kind
         self.data, self.name = data, name
         self._folder: tempfile.TemporaryDirectory | None = None
 

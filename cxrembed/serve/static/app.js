@@ -235,15 +235,21 @@ function showStore(store) {
 
 function useFile(file) {
   if (!file) return;
-  if (!/^image\/(png|jpeg)$/.test(file.type)) {
-    setStatus(`${file.name} is not a PNG or JPEG image`, true);
+  const dicom = /\.(dcm|dicom)$/i.test(file.name) || file.type === "application/dicom";
+  if (!dicom && !/^image\/(png|jpeg)$/.test(file.type)) {
+    setStatus(`${file.name} is not a PNG, JPEG or DICOM image`, true);
     return;
   }
   const preview = $("query-preview");
   if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(file);
-  preview.alt = "query image " + file.name;
-  preview.hidden = false;
+  if (dicom) {  // browsers cannot show DICOM: the server decodes it
+    preview.removeAttribute("src");
+    preview.hidden = true;
+  } else {
+    preview.src = URL.createObjectURL(file);
+    preview.alt = "query image " + file.name;
+    preview.hidden = false;
+  }
   $("drop-text").textContent = file.name;
   run({ kind: "image", file });
 }
