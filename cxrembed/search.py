@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ class SearchHit:
     similarity: float
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Shallow (dataclasses.asdict deep-copies: a tenth of a served query's time).
+        return {**vars(self), "labels": list(self.labels)}
 
 
 # ---------------------------------------------------------------------------------------
