@@ -323,7 +323,7 @@ def test_predict_equals_the_runs_head_logits_from_encode(nih, adapted_run, tmp_p
     service = open_service(out, head=adapted_run)
     try:
         client = TestClient(create_app(service), base_url=LOCAL)
-        assert client.get("/api/store").json()["predictor"]["kind"] == "adapted-head"
+        assert client.get("/api/store").json()["predictor"]["kind"] == "adapted"
         for i in (0, 9):
             name, data = png_of(nih, i)
             body = client.post("/api/predict", files={"image": (name, data, "image/png")}).json()
@@ -342,6 +342,42 @@ def test_head_folder_is_checked(store_path, tmp_path):
         open_service(store_path, head=tmp_path / "absent")
     with pytest.raises(ConfigError, match="cxrembed fit"):
         open_service(store_path, head=tmp_path)
+
+
+@pytest.mark.slow
+def test_predict_equals_cxrembed_predict_with_a_fitted_head(store_path, nih, tmp_path):
+    """A `cxrembed fit` head (calibrated, with val thresholds): /api/predict gives what
+    the real `cxrembed predict` (a subprocess) writes for the same images."""
+    head = tmp_path / "head"
+    done = run_cli("fit", str(store_path), "--head", "linear", "--all", "--out", str(head))
+    assert done.returncode == 0, done.stderr
+    images = [str(nih.path[i]) for i in (1, 20, 33)]
+    done = run_cli("predict", *images, "--head", str(head), "--out", str(tmp_path / "p.json"),
+                   "--no-progress")
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "p.json").read_text())
+    rows = {row["path"]: row for row in written["predictions"]}
+    service = open_service(store_path, head=head)
+    try:
+        client = TestClient(create_app(service), base_url=LOCAL)
+        described = client.get("/api/store").json()["predictor"]
+        assert described["kind"] == "linear" and described["calibration"] == "platt"
+        for path in images:
+            body = client.post("/api/predict", files={"image": (Path(path).name,
+                                                                Path(path).read_bytes())}).json()
+            row = rows[path]
+            for score in body["scores"]:
+                expected = row[f"{score['label']} probability"]
+                if expected is None:
+                    assert score["score"] is None
+                else:
+                    assert score["score"] == pytest.approx(expected, abs=2e-6)
+                assert score["positive"] == row[f"{score['label']} positive"]
+            positives = [s["label"] for s in body["scores"] if s["positive"]]
+            assert "|".join(positives) == row["positives"]
+        assert service.predictor.encoder() is service.encoder()  # the store's, shared
+    finally:
+        service.close()
 
 
 # ---------------------------------------------------------------------------------------

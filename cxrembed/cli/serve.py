@@ -15,7 +15,7 @@ from cxrembed.cli.store import StoreArg
 def serve_command(
     store: StoreArg,
     head: Annotated[Optional[Path], typer.Option(
-        "--head", help="Scores for uploaded images: an adapt run folder (its own head).")] = None,
+        "--head", help="Scores for uploads: a head folder (`cxrembed fit`) or an adapt run.")] = None,
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on; anything but loopback needs --token.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 8000,

@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Any
 
-from cxrembed.errors import ConfigError
+from cxrembed.errors import ConfigError, StoreError
 from cxrembed.serve.service import ServeLimits, StoreService
 
 log = logging.getLogger(__name__)
@@ -66,19 +66,23 @@ def bind(host: str = "127.0.0.1", port: int = 8000, token: str | None = None) ->
 def open_service(store: str | os.PathLike, *, head: str | os.PathLike | None = None,
                  data_root: str | os.PathLike | None = None, index: str = "auto",
                  device: str = "cpu", limits: ServeLimits | None = None) -> StoreService:
-    """Open the store (and its index) and, with ``head``, the predictor. The store's
-    encoder is shared with an adapt-run head made from the same run."""
+    """Open the store (and its index) and, with ``head`` (a ``cxrembed fit`` head folder
+    or an adapt run folder), the predictor; a head fitted for the store's encoder shares
+    it."""
     from cxrembed.serve.predict import load_predictor
+    from cxrembed.store import check_same_encoder
 
     service = StoreService(store, data_root=data_root, index=index, device=device,
                            limits=limits)
     if head is not None:
         try:
             predictor = load_predictor(head, device=device)
-            weights = service.store.fingerprint.get("weights") or {}
-            if weights.get("kind") == "run" and weights.get("sha256") == getattr(
-                    predictor, "weights_sha256", None):
+            try:
+                check_same_encoder(predictor.fingerprint, service.store)
                 predictor.share_encoder(service.encoder)  # one copy of the model in memory
+            except StoreError:
+                log.info("the head was fitted for another encoder than the store's: it "
+                         "loads its own")
         except BaseException:
             service.close()
             raise

@@ -1,18 +1,17 @@
-"""Scores for a new image from a head, for ``cxrembed serve --head``.
+"""Scores for a new image from a saved head, for ``cxrembed serve --head``.
 
-The seam: :func:`load_predictor` turns the ``--head`` folder into an object with
-``describe() -> dict`` and ``predict_file(path) -> dict``; the server needs nothing else.
-Today it reads an adapt run folder (``model.json`` + ``model.safetensors`` of
-``cxrembed adapt``): the adapted encoder embeds the image and the run's own MLP head
-scores it, exactly as ``cxrembed encode --checkpoint RUN`` stores ``head_logits``. An
-adapt run records no decision thresholds, so none are shown. A saved few-shot head
-(``cxrembed fit``: a card with thresholds and calibration) is the second kind the seam is
-for; a folder of that kind is refused with a message saying so until it is wired here.
+The head is read with :func:`cxrembed.heads.saved.load_head`, the same reader as
+``cxrembed predict``: a head folder of ``cxrembed fit`` (a card with per-class
+calibration and val-chosen thresholds) or an adapt run folder (the run's own MLP head,
+uncalibrated, no thresholds). The image is decoded and embedded as ``predict`` does and
+the head's :meth:`~cxrembed.heads.saved.SavedHead.predict` gives the probability and the
+positive call per class, so the page shows what ``cxrembed predict`` writes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -25,58 +24,68 @@ from cxrembed.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-class RunHeadPredictor:
-    """The adapted model's own head on a new image (an ``cxrembed adapt`` run folder).
+class HeadPredictor:
+    """A saved head and (loaded on first use) the encoder it was fitted for.
 
     Args:
-        run: the run folder; its ``model.json`` is checked now, the weights are loaded on
-            the first prediction.
-        encoder_factory: returns the run's loaded encoder; default loads it from ``run``
-            (a server whose store was encoded with the same run passes its own encoder).
+        head: a ``cxrembed fit`` head folder or an adapt run folder.
+        device: where the encoder runs.
     """
 
-    kind = "adapted-head"
+    def __init__(self, head: str | os.PathLike, *, device: str = "cpu") -> None:
+        from cxrembed.heads.saved import load_head
 
-    def __init__(self, run: str | os.PathLike, *, device: str = "cpu",
-                 encoder_factory: Callable[[], Any] | None = None) -> None:
-        from cxrembed.model.adapted import read_adapted_meta
-
-        self.run = Path(run)
-        self.meta = read_adapted_meta(self.run)  # ModelError for a wrong or unfinished run
-        self.labels: list[str] = list(self.meta["labels"])
+        self.folder = Path(head)
+        if not self.folder.is_dir():
+            raise ConfigError(f"--head {head}: no such folder; pass a head folder (`cxrembed "
+                              "fit ... --out HEAD`) or an adapt run folder")
+        self.saved = load_head(self.folder)  # ConfigError naming what it expected
         self.device = device
-        self._factory = encoder_factory
+        self._shared: Callable[[], Any] | None = None
         self._encoder: Any = None
         self._lock = threading.Lock()
 
     @property
-    def weights_sha256(self) -> str:
-        return str(self.meta["sha256"])
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "source": self.run.name, "labels": self.labels,
-                "thresholds": None,
-                "note": "the adapted model's own head (sigmoid of its logits); an adapt run "
-                        "records no decision thresholds"}
+    def fingerprint(self) -> dict:
+        """The fingerprint of the encoder the head was fitted for."""
+        return self.saved.fingerprint
 
     def share_encoder(self, factory: Callable[[], Any]) -> None:
-        """Take the encoder from ``factory`` (one with this run's weights) instead of
-        loading a second copy."""
-        self._factory = factory
+        """Use the encoder ``factory`` gives (one with this head's fingerprint, e.g. the
+        store's) instead of loading a second copy."""
+        self._shared = factory
 
     def encoder(self) -> Any:
         with self._lock:
             if self._encoder is None:
-                if self._factory is not None:
-                    self._encoder = self._factory()
-                else:
-                    from cxrembed.model import load_encoder
-
-                    self._encoder = load_encoder(checkpoint=self.run, device=self.device)
+                given = self._shared() if self._shared is not None else None
+                self._encoder = self.saved.load_encoder(self.device, given)  # checked
             return self._encoder
 
-    def logits(self, path: str | os.PathLike) -> np.ndarray:
-        """The head's 14 logits for one image file (LABELS order)."""
+    def thresholds(self) -> dict[str, float | None]:
+        """Per class, the probability at the head's score threshold (None: none)."""
+        out: dict[str, float | None] = {}
+        for name in self.saved.label_names:
+            cal = self.saved.calibration.get(name)
+            if cal is None or math.isnan(cal.threshold):
+                out[name] = None
+            else:
+                p = float(cal.probability(np.array([cal.threshold]))[0])
+                out[name] = None if math.isnan(p) else p
+        return out
+
+    def describe(self) -> dict:
+        card = self.saved.card
+        calibration = card.get("calibration", {})
+        return {"kind": self.saved.kind, "source": self.folder.name,
+                "labels": self.saved.label_names, "thresholds": self.thresholds(),
+                "calibration": calibration.get("method"),
+                "threshold_rule": calibration.get("threshold_rule"),
+                "note": calibration.get("note", "")}
+
+    def predict_file(self, path: str | os.PathLike) -> dict:
+        """Per class: calibrated probability, positive call, the threshold (as a
+        probability) and the head's raw score, for one image file."""
         import torch
 
         from cxrembed.data.images import IMAGE_SIZE, decode
@@ -85,26 +94,20 @@ class RunHeadPredictor:
         encoder = self.encoder()
         pixels = decode(path, size=IMAGE_SIZE)
         with torch.inference_mode():
-            embedding = encoder.encode_image(to_clip_tensor(pixels[None]))
-            return encoder.head_logits(embedding).float().cpu().numpy()[0]
+            raw = encoder.encode_image(to_clip_tensor(pixels[None])).float().cpu().numpy()
+        prediction = self.saved.predict(raw)
+        thresholds = self.thresholds()
+        scores = []
+        for c, name in enumerate(self.saved.label_names):
+            probability = float(prediction.probability[0, c])
+            scores.append({"label": name,
+                           "score": None if math.isnan(probability) else probability,
+                           "positive": bool(prediction.positive[0, c]),
+                           "threshold": thresholds[name],
+                           "raw_score": float(prediction.scores[0, c])})
+        return {"head": self.describe(), "scores": scores}
 
-    def predict_file(self, path: str | os.PathLike) -> dict:
-        logits = self.logits(path)
-        scores = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        return {"head": self.describe(),
-                "scores": [{"label": name, "score": float(score), "logit": float(logit),
-                            "threshold": None, "positive": None}
-                           for name, score, logit in zip(self.labels, scores, logits)]}
 
-
-def load_predictor(head: str | os.PathLike, *, device: str = "cpu",
-                   encoder_factory: Callable[[], Any] | None = None) -> RunHeadPredictor:
+def load_predictor(head: str | os.PathLike, *, device: str = "cpu") -> HeadPredictor:
     """The predictor of a ``--head`` folder (ConfigError naming what was expected)."""
-    head = Path(head)
-    if not head.is_dir():
-        raise ConfigError(f"--head {head}: no such folder; pass an adapt run folder "
-                          "(`cxrembed adapt --out RUN`)")
-    if (head / "model.json").is_file():
-        return RunHeadPredictor(head, device=device, encoder_factory=encoder_factory)
-    raise ConfigError(f"--head {head} is not an adapt run folder (no model.json); saved "
-                      "heads of `cxrembed fit` are not readable by `serve` yet")
+    return HeadPredictor(head, device=device)

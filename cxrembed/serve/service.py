@@ -28,7 +28,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError, DataError, StoreError
 from cxrembed.search import Query, query_vector, search_query, stored_image_path
-from cxrembed.store import EmbeddingStore, LoadedIndex, load_index
+from cxrembed.store import EmbeddingStore, LoadedIndex, has_index, load_index
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,15 @@ class StoreService:
         self.limits = limits or ServeLimits()
         self.index_choice = index
         self.loaded_index: LoadedIndex | None = None
-        if index != "exact":
-            try:
+        if index == "index" or (index == "auto" and has_index(self.store.path)):
+            try:  # a broken or stale index is an error, as for `cxrembed search`
                 self.loaded_index = load_index(self.store)
-            except StoreError as exc:
-                if index == "index":
-                    self.store.close()
-                    raise
-                log.warning("%s: queries use an exact scan of the store (slower)", exc)
+            except BaseException:
+                self.store.close()
+                raise
+        elif index == "auto":
+            log.warning("no index beside %s: queries scan the whole store (slower); build "
+                        "one with `cxrembed index`", self.store.path)
         self.data_root = Path(data_root or self.store.attrs.get("dataset_root") or ".")
         self.predictor = predictor
         self._encoder: Any = None

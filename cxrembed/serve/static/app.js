@@ -192,13 +192,18 @@ function card(hit) {
 
 function showPrediction(result) {
   $("prediction").hidden = false;
-  $("prediction-source").textContent = `· ${result.head.kind}, ${result.head.source}`;
-  $("prediction-note").textContent = result.head.note || "";
-  const rows = [...result.scores].sort((a, b) => b.score - a.score).map((s) => {
+  const head = result.head;
+  $("prediction-source").textContent = `· ${head.kind} head ${head.source}` +
+    (head.calibration && head.calibration !== "none" ? `, ${head.calibration} calibration` : "") +
+    (head.threshold_rule ? `, thresholds: ${head.threshold_rule}` : "");
+  $("prediction-note").textContent = head.note ||
+    "bar: probability; mark: the class's threshold; bold: called positive";
+  const known = (s) => (s.score == null ? -1 : s.score);
+  const rows = [...result.scores].sort((a, b) => known(b) - known(a)).map((s) => {
     const row = el("li", s.positive ? "positive" : "");
     const bar = el("div", "bar");
     const fill = el("span");
-    fill.style.width = `${s.score * 100}%`;
+    fill.style.width = `${(s.score || 0) * 100}%`;
     bar.append(fill);
     if (s.threshold != null) {
       const mark = el("i", "threshold");
@@ -206,8 +211,13 @@ function showPrediction(result) {
       mark.title = `threshold ${s.threshold.toFixed(3)}`;
       bar.append(mark);
     }
-    const value = s.score.toFixed(3) + (s.threshold != null ? ` / ${s.threshold.toFixed(3)}` : "");
-    row.append(el("span", "name", s.label), bar, el("span", "value", value));
+    const value = (s.score == null ? "n/a" : s.score.toFixed(3)) +
+      (s.threshold != null ? ` / ${s.threshold.toFixed(3)}` : "");
+    const name = el("span", "name", s.label + (s.positive ? " ✓" : ""));
+    row.title = s.score == null ? "not calibrated (too few validation positives)" :
+      `probability ${s.score.toFixed(4)}` + (s.threshold != null ?
+        `, threshold ${s.threshold.toFixed(4)}` : "") + (s.positive ? ": positive" : "");
+    row.append(name, bar, el("span", "value", value));
     return row;
   });
   $("scores").replaceChildren(...rows);
