@@ -27,6 +27,7 @@ BENCHMARKS = {
     "encode": ("bench_encode.py", [], ["--images", "32", "--repeat", "3", "--models", "cxr-tiny"]),
     "search": ("bench_search.py", [], ["--sizes", "112120", "--queries", "200", "--single", "20"]),
     "fewshot": ("bench_fewshot.py", [], ["--quick"]),
+    "serve": ("bench_serve.py", [], ["--images", "20000", "--requests", "20", "--image-requests", "2"]),
     "centring": ("bench_centring.py", [], ["--images", "600"]),
 }
 

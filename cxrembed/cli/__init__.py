@@ -61,6 +61,7 @@ from cxrembed.cli import adapt as _adapt  # noqa: E402,F401
 from cxrembed.cli import evaluate as _evaluate  # noqa: E402,F401
 from cxrembed.cli import demo as _demo  # noqa: E402,F401
 from cxrembed.cli import predict as _predict  # noqa: E402,F401
+from cxrembed.cli import serve as _serve  # noqa: E402,F401
 
 
 def main() -> None:

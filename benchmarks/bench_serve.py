@@ -1,0 +1,262 @@
+"""Latency of ``cxrembed serve`` under a bounded local load, on an NIH-size store.
+
+Builds a synthetic store of 112,120 x 512 vectors (``bench_search.synthetic``) whose
+encoder is a randomly initialised ViT-B-32 (the real architecture: same compute as the
+OpenAI weights), with its flat index; starts the real ``cxrembed serve`` on 127.0.0.1
+(a free port; no other address is ever contacted); then, per phase, N client threads
+each send a fixed number of requests over keep-alive connections and every latency is
+recorded:
+
+- ``id``: ``GET /api/search?id=...&k=10`` (a stored vector, the FAISS index);
+- ``id+filters``: the same with ``split=test&exclude_same_patient=1``;
+- ``text (stored)``: a prompt stored with the store (no model at query time);
+- ``text (new)``: a text never seen (the text tower runs);
+- ``image``: ``POST /api/search`` of a 1024x1024 PNG (upload, decode, ViT-B-32 forward,
+  search), first by one client, then by N.
+
+The reference for image queries is one ViT-B-32 forward of one image, timed in this
+process on the same machine before the load starts (median of several). Errors (any
+non-200 answer or failed request) are counted. The server and the clients share the
+machine's cores, as they would on a laptop.
+
+    python benchmarks/bench_serve.py [--images 112120] [--clients 4] [--requests 100]
+        [--image-requests 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from bench_search import synthetic
+
+HOST = "127.0.0.1"
+
+
+def build_store(folder: Path, n: int, encoder) -> Path:
+    """An ``n``-row store of synthetic vectors that names ``encoder`` as its own."""
+    from cxrembed.encode.output import encoder_attrs
+    from cxrembed.prompts import class_prompts, distinct_prompts
+    from cxrembed.labels import LABELS
+    from cxrembed.store import StoreWriter, build_index
+
+    rng = np.random.default_rng(0)
+    patients = np.sort(rng.integers(1, n // 4 + 1, n))
+    follow = np.zeros(n, np.int64)
+    for i in range(1, n):
+        follow[i] = follow[i - 1] + 1 if patients[i] == patients[i - 1] else 0
+    ids = np.array([f"{p:08d}_{f:03d}.png" for p, f in zip(patients, follow)])
+    rows = {"image_id": ids, "patient_id": patients.astype(np.int64), "follow_up": follow,
+            "split": np.array(["train", "val", "test"])[patients % 5 % 3],
+            "view": np.array(["PA", "AP"])[rng.integers(0, 2, n)],
+            "sex": np.array(["M", "F"])[rng.integers(0, 2, n)],
+            "age": rng.integers(1, 90, n).astype(np.float32),
+            "labels": (rng.random((n, len(LABELS))) < 0.08).astype(np.uint8),
+            "image_path": ids}
+    prompts = class_prompts()
+    texts = distinct_prompts(prompts)
+    import torch
+
+    with torch.inference_mode():
+        text_vectors = encoder.encode_text(texts).numpy()
+    path = folder / "nih-size.h5"
+    with StoreWriter.create(path, rows=rows, embed_dim=512, fingerprint=encoder.fingerprint,
+                            has_head=False, has_text=True, batch_size=8192, chunk_rows=8192,
+                            prompts=prompts, text_embeddings=text_vectors,
+                            attrs=encoder_attrs(encoder)) as writer:
+        vectors = synthetic(n, 512, seed=1, latent=16, uniform=False)
+        for start in range(0, n, 8192):
+            writer.append(vectors[start:start + 8192])
+        writer.finish()
+    build_index(path, "flat", progress=False)
+    return path
+
+
+def forward_ms(encoder, repeat: int) -> float:
+    """Median time of one image through the encoder (batch of 1)."""
+    import torch
+
+    x = torch.randn(1, 3, 224, 224)
+    encoder.encode_image(x)  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        encoder.encode_image(x)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def query_png() -> bytes:
+    import cv2
+
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+    big = cv2.resize(small, (1024, 1024), interpolation=cv2.INTER_CUBIC)
+    return cv2.imencode(".png", big)[1].tobytes()
+
+
+def multipart(data: bytes, name: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").encode() + data + \
+        f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def load(port: int, make_request, clients: int, per_client: int) -> tuple[list[float], int]:
+    """``clients`` threads, each sending ``per_client`` requests; latencies (ms), errors."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        conn = http.client.HTTPConnection(HOST, port, timeout=120)
+        mine = []
+        for _ in range(per_client):
+            method, url, body, headers = make_request(rng)
+            start = time.perf_counter()
+            try:
+                conn.request(method, url, body=body, headers=headers)
+                response = conn.getresponse()
+                payload = response.read()
+                ok = response.status == 200 and b'"hits"' in payload
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection(HOST, port, timeout=120)
+            mine.append(1000 * (time.perf_counter() - start))
+            if not ok:
+                with lock:
+                    errors[0] += 1
+        conn.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return latencies, errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def start_server(store: Path, port: int) -> subprocess.Popen:
+    exe = shutil.which("cxrembed") or str(Path(sys.executable).with_name("cxrembed"))
+    process = subprocess.Popen([exe, "serve", str(store), "--host", HOST, "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"cxrembed serve exited: {process.stderr.read()}")
+        try:
+            conn = http.client.HTTPConnection(HOST, port, timeout=2)
+            conn.request("GET", "/api/store")
+            if conn.getresponse().status == 200:
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("cxrembed serve did not answer within 180 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=112_120)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=100, help="per client, id/text phases")
+    parser.add_argument("--image-requests", type=int, default=8, help="per client, image phase")
+    args = parser.parse_args()
+
+    from cxrembed.model import load_encoder
+
+    encoder = load_encoder("ViT-B-32", "none")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        began = time.perf_counter()
+        store = build_store(Path(tmp), args.images, encoder)
+        print(f"store: {args.images:,} x 512 synthetic vectors + flat index, ViT-B-32 "
+              f"(random init) as its encoder; built in {time.perf_counter() - began:.1f} s")
+        forward = forward_ms(encoder, repeat=7)
+        print(f"one ViT-B-32 forward (1 image, this process, torch {os.cpu_count()} cores): "
+              f"{forward:.1f} ms")
+        del encoder
+        from cxrembed.store import EmbeddingStore
+
+        with EmbeddingStore.open(store) as opened:
+            ids = [str(i) for i in opened.image_id]
+            prompts = list(opened.text_embeddings())
+        port = free_port()
+        server = start_server(store, port)
+        try:
+            run_phases(port, ids, prompts, forward, args)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def run_phases(port: int, ids: list[str], prompts: list[str], forward: float,
+               args) -> None:
+    from urllib.parse import quote
+
+    png, content_type = multipart(query_png(), "query.png")
+    get = lambda url: ("GET", url, None, {})  # noqa: E731
+    id_query = lambda rng: get(f"/api/search?id={ids[rng.integers(len(ids))]}&k=10")  # noqa: E731
+    stored_text = lambda rng: get(  # noqa: E731
+        "/api/search?k=10&text=" + quote(prompts[rng.integers(len(prompts))]))
+    image = lambda rng: ("POST", "/api/search?k=10", png, {"Content-Type": content_type})  # noqa: E731
+    phases = [
+        ("id", 1, args.requests, id_query),
+        ("id", args.clients, args.requests, id_query),
+        ("id+filters", args.clients, args.requests,
+         lambda rng: get(f"/api/search?id={ids[rng.integers(len(ids))]}&k=10&split=test"
+                         "&exclude_same_patient=1")),
+        ("text (stored)", 1, args.requests, stored_text),
+        ("text (stored)", args.clients, args.requests, stored_text),
+        ("text (new)", args.clients, max(1, args.requests // 4),
+         lambda rng: get(f"/api/search?k=10&text=opacity%20number%20{rng.integers(10**9)}")),
+        ("image", 1, args.image_requests, image),
+        ("image", args.clients, args.image_requests, image),
+    ]
+    # One warm-up of each kind (the server loads its encoder on the first text/image query).
+    load(port, id_query, 1, 3)
+    load(port, phases[5][3], 1, 1)
+    load(port, image, 1, 1)
+    print(f"load average before the phases (1 min): {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")
+    print(f"{'queries':<14} {'clients':>7} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'req/s':>7} {'errors':>6}")
+    for name, clients, per_client, make in phases:
+        began = time.perf_counter()
+        latencies, errors = load(port, make, clients, per_client)
+        wall = time.perf_counter() - began
+        p50, p95 = np.percentile(latencies, [50, 95])
+        extra = f"   p50 = {p50 / forward:.2f}x one forward" if name == "image" else ""
+        print(f"{name:<14} {clients:>7} {len(latencies):>8} {p50:>8.1f} {p95:>8.1f} "
+              f"{len(latencies) / wall:>7.1f} {errors:>6}{extra}")
+    print(f"load average after (1 min): {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
