@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrembed.data.splits import SPLITS, assert_patient_disjoint, split_train_val_by_patient
+from cxrembed.data.splits import SPLITS, check_patient_disjoint, split_train_val_by_patient
 from cxrembed.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,11 @@ def finish_table(root: Path, rows: dict[str, np.ndarray], *, label_names: list[s
     check_unique_images(rows["image_id"], where)
     keep = view_mask(rows["view"], view)
     patient_id = patient_codes(rows["patient"])
-    assert_patient_disjoint(patient_id[keep], rows["split"][keep])
+    for i, first in enumerate(SPLITS):  # as assert_patient_disjoint, naming the images
+        for second in SPLITS[i + 1:]:
+            check_patient_disjoint(patient_id, keep & (rows["split"] == first),
+                                   keep & (rows["split"] == second), rows["image_id"],
+                                   f"{first} and {second} ({where})")
     paths = np.array([p if p and os.path.isfile(p) else "" for p in rows["path"]], dtype=object)
     absent = keep & (paths == "")
     missing_names = [str(n) for n in rows["image_id"][absent]]

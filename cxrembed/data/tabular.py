@@ -112,25 +112,24 @@ def label_columns(table: CsvTable, names: list[str], *, uncertain: str, blank: s
     labels = np.zeros((n, len(names)), dtype=np.uint8)
     known = np.ones((n, len(names)), dtype=bool)
     for k, name in enumerate(names):
-        for r, cell in enumerate(table.column(name)):
-            value = cell.strip().lower()
-            if value in _POSITIVE:
-                labels[r, k] = 1
-            elif value in _NEGATIVE:
-                continue
-            elif value in _UNCERTAIN:
-                if uncertain == "ones":
-                    labels[r, k] = 1
-                elif uncertain == "ignore":
-                    known[r, k] = False
-            elif value in _BLANK:
-                if blank == "unknown":
-                    known[r, k] = False
-            else:
-                which = f" ({ids[r]})" if ids else ""
-                raise DataError(f"{table.path}, row {r + 2}{which}, column {name!r}: value "
-                                f"{cell!r} is not a label; expected 1, 0, -1 (uncertain) or "
-                                "blank")
+        cells = np.array(table.column(name), dtype=str)
+        value = np.char.lower(np.char.strip(cells))
+        positive, uncertain_cell = np.isin(value, list(_POSITIVE)), np.isin(value, list(_UNCERTAIN))
+        blank_cell = np.isin(value, list(_BLANK))
+        bad = ~(positive | uncertain_cell | blank_cell | np.isin(value, list(_NEGATIVE)))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            which = f" ({ids[r]})" if ids else ""
+            raise DataError(f"{table.path}, row {r + 2}{which}, column {name!r}: value "
+                            f"{str(cells[r])!r} is not a label; expected 1, 0, -1 (uncertain) or "
+                            "blank")
+        labels[positive, k] = 1
+        if uncertain == "ones":
+            labels[uncertain_cell, k] = 1
+        elif uncertain == "ignore":
+            known[uncertain_cell, k] = False
+        if blank == "unknown":
+            known[blank_cell, k] = False
     return labels, known
 
 
@@ -140,13 +139,14 @@ def resolve_image(root: Path, relative: str, where: str) -> str:
     rel = relative.strip().replace("\\", "/")
     if not rel:
         raise DataError(f"{where}: empty image path")
-    candidate = Path(rel)
-    if candidate.is_absolute() or rel.startswith("/"):
+    if rel.startswith("/") or (len(rel) > 1 and rel[1] == ":"):
         raise DataError(f"{where}: image path {relative!r} is absolute; paths must be relative "
                         f"to the data folder {root}")
-    full = os.path.normpath(os.path.join(root, rel))
     base = os.path.normpath(root)
-    if os.path.commonpath([base, full]) != base:
+    if ".." not in rel.split("/"):  # plain string work: this runs once per row
+        return f"{base}{os.sep}{rel}"
+    full = os.path.normpath(os.path.join(base, rel))
+    if not full.startswith(base + os.sep):
         raise DataError(f"{where}: image path {relative!r} leaves the data folder {root}; "
                         "paths must stay inside it")
     return full
