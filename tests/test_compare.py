@@ -134,6 +134,7 @@ def test_results_without_a_set_record_are_checked_by_size_and_said_so(results):
     assert any("checked by split and size only" in w for w in comparison.warnings)
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, sklearn, matplotlib
 def test_cli_refuses_mixed_sets_with_one_line_and_allows_them_on_request(results, tmp_path):
     args = [sys.executable, "-m", "cxrembed", "compare", str(results / "a.json"),
             str(results / "b.json"), "--out", str(tmp_path)]

@@ -128,6 +128,7 @@ def test_collapsed_store_is_marked_and_skipped_images_counted(route, tmp_path):
     assert "<td>0.210</td><td>24.0</td>" in page and "card warn" not in page
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch, sklearn, matplotlib
 def test_report_leaves_the_matplotlib_backend_alone(route, tmp_path):
     code = ("import sys, matplotlib; matplotlib.use('svg');"
             "from cxrembed.report import write_report;"
