@@ -9,7 +9,6 @@ import pytest
 from cxrembed.errors import StoreError
 from cxrembed.store import EmbeddingStore, load_index
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +33,7 @@ def _snapshot(path):
                 "split": list(s.split), "labels": s.labels.copy(), "uuid": s.attrs["uuid"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
 def test_append_keeps_old_rows_and_extends_the_index(setup, tmp_path, kind):
     import faiss
@@ -74,6 +74,7 @@ def test_append_keeps_old_rows_and_extends_the_index(setup, tmp_path, kind):
     assert again.encoded == 0 and _snapshot(out)["ids"] == after["ids"]
 
 
+@pytest.mark.slow
 def test_append_refuses_another_encoder_and_a_split_leak(setup, tmp_path):
     from cxrembed.model import load_encoder
 
@@ -92,6 +93,7 @@ def test_append_refuses_another_encoder_and_a_split_leak(setup, tmp_path):
     assert len(_snapshot(out)["ids"]) == 100  # the store is untouched
 
 
+@pytest.mark.slow
 def test_interrupted_append_resumes_to_the_uninterrupted_store(setup, tmp_path, monkeypatch):
     from cxrembed.store import StoreWriter
 
@@ -120,6 +122,7 @@ def test_interrupted_append_resumes_to_the_uninterrupted_store(setup, tmp_path, 
     np.testing.assert_array_equal(a["emb"], b["emb"])
 
 
+@pytest.mark.slow
 def test_cli_encode_append(setup, tmp_path, twin):
     import json
 
@@ -140,3 +143,13 @@ def test_cli_encode_append(setup, tmp_path, twin):
     with EmbeddingStore.open(out) as store:
         assert list(store.split[:n_train]) == ["train"] * n_train
         assert set(store.split[n_train:]) == {"val", "test"}
+
+
+def test_ctrl_c_hint_of_an_append_and_of_predict_is_to_rerun_the_same_command():
+    from cxrembed.cli import app
+    from cxrembed.cli.common import _resume_hint
+
+    again = "rerun the same command to continue"
+    assert again in _resume_hint(app, ["encode", "data", "--out", "s.h5", "--append"])
+    assert "--resume" in _resume_hint(app, ["encode", "data", "--out", "s.h5"])
+    assert again in _resume_hint(app, ["predict", "x.png", "--head", "h", "--out", "p.csv"])

@@ -25,7 +25,7 @@ app = typer.Typer(
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130  # usage errors exit with click's own code, 2
 #: Commands that continue where they stopped when run again, without a --resume option.
-RESUME_BY_RERUNNING = {"cache", "demo"}
+RESUME_BY_RERUNNING = {"cache", "demo", "predict"}
 
 
 def run_guarded(app: typer.Typer) -> None:
@@ -56,6 +56,8 @@ def _resume_hint(app: typer.Typer, args: list[str]) -> str:
     if name is None:
         return "nothing was finished"
     options = {opt for param in group.commands[name].params for opt in param.opts}
+    if "--append" in args:  # encode --append continues its .appending store when rerun
+        return "what was written so far is kept; rerun the same command to continue"
     if "--resume" in options:
         return "what was written so far is kept; rerun with --resume to continue"
     if name in RESUME_BY_RERUNNING:
