@@ -186,7 +186,7 @@ def fewshot(
     json_out: JsonOpt = False,
 ) -> None:
     """Few-shot sweep: shots x seeds x heads on the store's vectors, scored on test."""
-    from cxrembed.fewshot import run_fewshot
+    from cxrembed.fewshot import describe_shortfall, run_fewshot
 
     result = run_fewshot(store, out=out, prompts=prompts, progress=not no_progress,
                          shots=_int_list(shots, "--shots"), seeds=seeds,
@@ -194,8 +194,11 @@ def fewshot(
                          init=init, no_finding=no_finding, bootstrap=bootstrap, ci=ci,
                          seed=seed)
     if json_out:
-        print_json({"summary": result.summary, "timing": result.timing, "out": str(out)})
+        print_json({"summary": result.summary, "timing": result.timing, "out": str(out),
+                    "shortfall": result.source["shortfall"]})
         return
+    for line in describe_shortfall(result.source["shortfall"]):
+        console.print(f"[yellow]fewer shots than asked[/] {escape(line)}")
     table = Table(title=f"few-shot mean AUC on {result.source['n_test']:,} test images: "
                         f"mean +- std over {result.config.seeds} seeds [95% CI, patients]")
     table.add_column("head")

@@ -140,6 +140,18 @@ def inverse_norms(X: np.ndarray) -> np.ndarray:
     return (1.0 / np.sqrt(np.where(sq > 0, sq, 1.0))).astype(np.float32)[:, None]
 
 
+def unit_rows(X: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Rows scaled to unit length, C-contiguous ``dtype``; rows of zeros stay zero. Input
+    whose rows are already unit (within 1e-4) is returned as is when its dtype matches
+    (no copy): the sweep hands heads unit vectors."""
+    X = np.asarray(X)
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    if X.dtype == dtype and np.all(np.abs(sq - 1.0) < 2e-4):
+        return np.ascontiguousarray(X)
+    scale = 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0))
+    return np.ascontiguousarray(X * scale[:, None].astype(dtype), dtype=dtype)
+
+
 def cosine(X: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """Cosine similarity ``(n, k)`` float32 of rows of ``X`` (any norm) with unit vectors
     ``(k, D)``; normalises the small result, not the large input."""

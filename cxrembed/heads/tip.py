@@ -21,8 +21,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError
 from cxrembed.heads.base import (build_config, check_known, check_xy, cosine, has_val,
-                                 register_head,
-                                 single_thread, val_mean_auc)
+                                 register_head, single_thread, unit_rows, val_mean_auc)
 from cxrembed.heads.zeroshot import CLIP_LOGIT_SCALE, TextEmbeddings, ZeroShotHead
 
 
@@ -34,9 +33,6 @@ class TipConfig:
     default_beta: float = 1.0
     logit_scale: float = CLIP_LOGIT_SCALE
 
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    return (X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 @register_head("tip")
@@ -71,7 +67,7 @@ class TipAdapterHead:
         """Build the cache from the shots; pick alpha and beta on the val pair. An unknown
         label (``known`` False) has value 0 in the cache: neither for nor against."""
         X, Y = check_xy(X, Y)
-        self._keys = _unit(X)
+        self._keys = unit_rows(X)
         self._values = 2.0 * Y.astype(np.float32) - 1.0
         mask = check_known(known, Y)
         if mask is not None:
