@@ -22,7 +22,7 @@ import numpy as np
 from cxrembed.errors import ConfigError
 from cxrembed.heads.base import (build_config, check_known, check_xy, has_val,
                                  inverse_norms, register_head, single_thread, unit_rows,
-                                 val_mean_auc)
+                                 val_mean_aucs)
 
 
 @dataclass
@@ -173,9 +173,9 @@ class LinearHead:
         if use_val:
             X_val, Y_val = check_xy(X_val, Y_val, "X_val")
             X_val = unit_rows(X_val, np.float64)
-            for j in range(len(Cs)):
-                coef, intercept = head_for(j)
-                auc = val_mean_auc(Y_val, X_val @ coef + intercept)
+            aucs = val_mean_aucs(Y_val, [X_val @ coef + intercept
+                                         for coef, intercept in map(head_for, range(len(Cs)))])
+            for j, auc in enumerate(aucs):
                 if not np.isnan(auc) and (best_auc is None or auc > best_auc):
                     best_j, best_auc = j, auc
         self.coef_, self.intercept_ = head_for(best_j)

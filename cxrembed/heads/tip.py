@@ -21,7 +21,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError
 from cxrembed.heads.base import (build_config, check_known, check_xy, cosine, has_val,
-                                 register_head, single_thread, unit_rows, val_mean_auc)
+                                 register_head, single_thread, unit_rows, val_mean_aucs)
 from cxrembed.heads.zeroshot import CLIP_LOGIT_SCALE, TextEmbeddings, ZeroShotHead
 
 
@@ -77,12 +77,12 @@ class TipAdapterHead:
             X_val, Y_val = check_xy(X_val, Y_val, "X_val")
             with single_thread():  # small products: one BLAS thread is faster
                 text = self.zeroshot.logits(X_val)
-                for b in self.config.betas:
-                    cache = self._cache(X_val, b)
-                    for a in self.config.alphas:
-                        auc = val_mean_auc(Y_val, text + a * cache)
-                        if not np.isnan(auc) and (best is None or auc > best):  # first wins
-                            alpha, beta, best, by = a, b, auc, "val"
+                grid = [(a, b) for b in self.config.betas for a in self.config.alphas]
+                caches = {b: self._cache(X_val, b) for b in self.config.betas}
+                aucs = val_mean_aucs(Y_val, [text + a * caches[b] for a, b in grid])
+            for (a, b), auc in zip(grid, aucs):
+                if not np.isnan(auc) and (best is None or auc > best):  # first wins
+                    alpha, beta, best, by = a, b, float(auc), "val"
         self.selected = {"alpha": alpha, "beta": beta, "by": by,
                          "val_mean_auc": None if best is None else float(best)}
         return self
