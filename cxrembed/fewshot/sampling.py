@@ -70,13 +70,14 @@ def sample_shots(labels: np.ndarray, split: np.ndarray, shots: int | Sequence[in
 
 
 def class_supply(labels: np.ndarray, split: np.ndarray, split_name: str = "train",
-                 no_finding: bool = True) -> dict[str, int]:
+                 no_finding: bool = True, names: Sequence[str] | None = None
+                 ) -> dict[str, int]:
     """Candidates per class in ``split_name`` (and "No Finding" when drawn): the most
-    shots each class can give."""
+    shots each class can give. ``names``: the label names (default: NIH's 14)."""
     from cxrembed.labels import LABELS, NO_FINDING
 
     sub = np.asarray(labels)[np.asarray(split).astype(str) == split_name]
-    supply = {name: int(n) for name, n in zip(LABELS, sub.sum(axis=0))}
+    supply = {name: int(n) for name, n in zip(names or LABELS, sub.sum(axis=0))}
     if no_finding:
         supply[NO_FINDING] = int((sub.sum(axis=1) == 0).sum())
     return supply

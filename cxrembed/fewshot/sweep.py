@@ -291,11 +291,22 @@ class _Sweep:
                     t0 = time.perf_counter()
                     head.fit(*draw.fit_args(raw), known=draw.known)
                     fit_seconds.append(time.perf_counter() - t0)
-            for head, draw, seconds in zip(heads, draws, fit_seconds):
-                t0 = time.perf_counter()
-                scores = head.predict(self.x_test_raw if raw else self.x_test_unit)
-                self.record(name, shots, draw.seed, scores, seconds + time.perf_counter() - t0,
-                            head.selected, len(draw.rows_train), len(draw.rows_val))
+            x_test = self.x_test_raw if raw else self.x_test_unit
+            predict_many = getattr(HEADS[name], "predict_many", None)
+            t0 = time.perf_counter()
+            if predict_many is not None:  # every seed's head in one pass
+                all_scores = predict_many(heads, x_test)
+                predict_seconds = [(time.perf_counter() - t0) / len(heads)] * len(heads)
+            else:
+                all_scores, predict_seconds = [], []
+                for head in heads:
+                    all_scores.append(head.predict(x_test))
+                    predict_seconds.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+            for head, draw, scores, fit_s, predict_s in zip(heads, draws, all_scores,
+                                                             fit_seconds, predict_seconds):
+                self.record(name, shots, draw.seed, scores, fit_s + predict_s, head.selected,
+                            len(draw.rows_train), len(draw.rows_val))
 
     def result(self, started: float) -> FewShotResult:
         """Wait for the scoring thread, then summarise every (head, shots) cell."""
