@@ -188,13 +188,16 @@ def resample_patients(n_patients: int, n_resamples: int = DEFAULT_RESAMPLES, see
 
 
 def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
-                   weights: np.ndarray, known: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                   weights: np.ndarray, known: Any = None, device: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Point AUCs ``(C,)`` and the AUCs of every resample ``(B, C)``, all classes at once.
 
     ``patient_index`` maps rows to ``0..P-1``; ``weights`` is ``(P, B)`` as from
     :func:`resample_patients`. NaN marks an undefined class (point or replicate). Quiet:
     callers decide what to warn about. Both are exact (see :func:`weighted_aucs`).
     ``known`` leaves unknown labels out of their class (see :func:`per_class_auc`).
+    ``device`` (a torch device: "cuda", or "cpu" to test that path) computes them with
+    :func:`weighted_aucs_torch` instead of numpy.
     """
     y, s = _as_2d(y_true, scores)
     mask = _known_mask(known, y.shape)
@@ -202,8 +205,10 @@ def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
         index = np.asarray(patient_index).reshape(-1)
         point, reps = np.empty(y.shape[1]), np.empty((weights.shape[1], y.shape[1]))
         for cols, (p, r) in _by_class(
-                mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights),
-                lambda c, rows: replicate_aucs(y[rows, c], s[rows, c], index[rows], weights)):
+                mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights,
+                                                  device=device),
+                lambda c, rows: replicate_aucs(y[rows, c], s[rows, c], index[rows], weights,
+                                               device=device)):
             point[cols], reps[:, cols] = p, r
         return point, reps
     n_patients = weights.shape[0]
@@ -211,7 +216,9 @@ def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
     w = np.empty((n_patients, weights.shape[1] + 1), np.float32)
     w[:, 0] = 1.0
     w[:, 1:] = weights
-    out = weighted_aucs(y, s, np.asarray(patient_index).reshape(-1), w)
+    index = np.asarray(patient_index).reshape(-1)
+    out = (weighted_aucs(y, s, index, w) if device is None
+           else weighted_aucs_torch(y, s, index, w, device))
     return out[0], out[1:]
 
 
@@ -290,6 +297,39 @@ def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np
     denom = total_pos * total_neg
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan).T
+
+
+def weighted_aucs_torch(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: Any,
+                        device: Any = "cpu", block: int = 256) -> np.ndarray:
+    """:func:`weighted_aucs` with torch on ``device`` (a GPU; tested on the CPU): per
+    class, rows sorted once, the weights of each row gathered, summed per tie group, and
+    the Mann-Whitney sum taken over groups, ``block`` weightings at a time, in float64."""
+    import torch
+
+    w_all = torch.as_tensor(weights, device=device, dtype=torch.float64)
+    st = torch.as_tensor(np.ascontiguousarray(s.T), device=device, dtype=torch.float64)
+    yt = torch.as_tensor(np.ascontiguousarray(y.T), device=device).bool()
+    pt = torch.as_tensor(patient, device=device, dtype=torch.long)
+    out = torch.empty((y.shape[1], w_all.shape[1]), dtype=torch.float64, device=device)
+    for c in range(y.shape[1]):
+        values, order = torch.sort(st[c])
+        new_group = torch.ones_like(values, dtype=torch.long)
+        new_group[1:] = (values[1:] != values[:-1]).long()
+        group = torch.cumsum(new_group, 0) - 1
+        n_groups = int(group[-1]) + 1 if len(group) else 0
+        pos = yt[c][order]
+        for lo in range(0, w_all.shape[1], block):
+            rows_w = w_all[pt[order], lo:lo + block]  # (n, block)
+            pos_g = torch.zeros((n_groups, rows_w.shape[1]), dtype=torch.float64, device=device)
+            neg_g = torch.zeros_like(pos_g)
+            pos_g.index_add_(0, group[pos], rows_w[pos])
+            neg_g.index_add_(0, group[~pos], rows_w[~pos])
+            below = torch.cumsum(neg_g, 0) - neg_g + 0.5 * neg_g
+            u = (pos_g * below).sum(0)
+            denom = pos_g.sum(0) * neg_g.sum(0)
+            out[c, lo:lo + block] = torch.where(denom > 0, u / torch.where(denom > 0, denom, 1.0),
+                                                torch.nan)
+    return out.T.cpu().numpy()
 
 
 @dataclass(frozen=True)

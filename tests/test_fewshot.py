@@ -151,6 +151,19 @@ def test_cli_says_when_shots_are_short_and_refuses_too_many(world, tmp_path):
     assert load_result(tmp_path / "f")["source"]["shortfall"]
 
 
+def test_cli_refuses_cuda_without_a_gpu_before_any_work(world, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present (tests/test_gpu.py runs the sweep on it)")
+    write_store(tmp_path / "s.h5", world)
+    done = subprocess.run([sys.executable, "-m", "cxrembed", "fewshot", str(tmp_path / "s.h5"),
+                           "--device", "cuda", "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "no CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "f").exists()
+
+
 def test_heads_beat_chance_and_improve_with_shots(world):
     result = sweep(eval_data(world), shots=(1, 16), seeds=3, bootstrap=0)
     mean = {(r["head"], r["shots"]): r["mean_auc"]["mean"] for r in result.summary}

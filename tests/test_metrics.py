@@ -104,6 +104,10 @@ def test_replicates_equal_a_brute_force_loop_over_resampled_rows():
     weights = resample_patients(index.max() + 1, 30, seed=2)
     point, reps = replicate_aucs(y, scores, index, weights)
     assert np.isnan(reps[:, 13]).any() and not np.isnan(reps[:, 13]).all()
+    # the torch path (what `fewshot --device cuda` runs), here on the CPU: the same numbers
+    point_t, reps_t = replicate_aucs(y, scores, index, weights, device="cpu")
+    np.testing.assert_allclose(reps_t, reps, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(point_t, point, rtol=0, atol=1e-12)
     for b in range(30):
         rows = np.concatenate([np.repeat(np.flatnonzero(index == p), int(k))
                                for p, k in enumerate(weights[:, b]) if k])

@@ -182,6 +182,9 @@ def fewshot(
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option(
         "--out", help="Folder for JSON, CSV, config and plot.")] = Path("fewshot"),
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu, or cuda / cuda:N: the mlp head and the AUC scorer on a GPU."
+    )] = "cpu",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -192,7 +195,7 @@ def fewshot(
                          shots=_int_list(shots, "--shots"), seeds=seeds,
                          heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
                          init=init, no_finding=no_finding, bootstrap=bootstrap, ci=ci,
-                         seed=seed)
+                         seed=seed, device=device)
     if json_out:
         print_json({"summary": result.summary, "timing": result.timing, "out": str(out),
                     "shortfall": result.source["shortfall"]})

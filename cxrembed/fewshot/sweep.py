@@ -25,7 +25,7 @@ from cxrembed.fewshot.data import EvalData, as_eval_data
 from cxrembed.fewshot.results import FewShotResult, eval_set, json_number, per_class_dict
 from cxrembed.fewshot.sampling import (check_shots, class_supply, describe_shortfall,
                                        sample_shots, seeded_rng)
-from cxrembed.heads.base import single_thread
+from cxrembed.heads.base import single_thread, torch_device
 from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percentile_interval,
                               replicate_aucs, resample_patients)
 
@@ -47,6 +47,7 @@ class _Scorer:
         self.seeds = config.seeds
         self.weights = (resample_patients(int(self.index.max()) + 1, config.bootstrap,
                                           config.seed) if self.method != "none" else None)
+        self.device = None if config.device == "cpu" else config.device
 
     def score(self, scores: np.ndarray, seed_slot: int | None
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -58,7 +59,8 @@ class _Scorer:
         w = self.weights
         if seed_slot is not None and self.method == "pooled":
             w = self.weights[:, seed_slot::self.seeds]
-        return replicate_aucs(self.labels, scores, self.index, w, known=self.known)
+        return replicate_aucs(self.labels, scores, self.index, w, known=self.known,
+                              device=self.device)
 
     def summarise(self, points: list[np.ndarray], reps: list[np.ndarray | None],
                   training_free: bool) -> dict[str, Any]:
@@ -105,6 +107,8 @@ def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
         kwargs["text"] = data.text
     if name == "mlp" and init_state is not None:
         kwargs["init_state"] = init_state
+    if name == "mlp":
+        kwargs.setdefault("device", config.device)
     return kwargs
 
 
@@ -175,6 +179,8 @@ class _Sweep:
     def __init__(self, data: EvalData, config: FewShotConfig, keep_scores: bool) -> None:
         if any(h in TEXT_HEADS for h in config.heads) and data.text is None:
             raise ConfigError("heads zeroshot and tip need prompt embeddings (EvalData.text)")
+        if config.device != "cpu":
+            torch_device(config.device)  # refused now, before any work, if absent
         self.data, self.config = data, config
         self.test = data.rows(config.test_split)
         self.train, self.val = data.rows("train"), data.rows("val")

@@ -171,6 +171,21 @@ def cosine(X: np.ndarray, unit: np.ndarray) -> np.ndarray:
     return out
 
 
+def torch_device(name: str) -> Any:
+    """A torch device by name, refusing CUDA where torch sees none (never a silent CPU
+    run in place of the GPU asked for)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU (torch "
+                          f"{torch.__version__}); use device 'cpu'")
+    return device
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """One BLAS and one torch thread inside: fitting on a few hundred shots is a stream of
