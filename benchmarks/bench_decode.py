@@ -1,11 +1,13 @@
 """Decode images/s per core for each decoder on real-size (1024×1024) PNGs, and the pixel
-cache build rate with all cores.
+cache build rate with all cores against its ceiling, the same worker processes decoding
+the same blocks and keeping nothing (and the build of ``--baseline``), in the same run.
 
 Uses the 33 real NIH images of ../shared/nih/sample when present, else a 1024 px synthetic
 twin. Every decoder runs on the same files in the same run; the ratio to the PIL reference
 is printed, and so is each decoder's largest pixel difference from the reference.
 
-    python benchmarks/bench_decode.py [--images N] [--repeat R]
+    python benchmarks/bench_decode.py [--images N] [--repeat R] [--cache-images N]
+                                      [--baseline REV]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,10 +44,54 @@ def _plain_pil(path: str) -> np.ndarray:
         return np.asarray(im.convert("L").resize((224, 224), Image.BICUBIC))
 
 
+def _cpu() -> np.ndarray:
+    """CPU seconds of this process and of its ended children (the pool's workers)."""
+    import resource
+
+    own, kids = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                      resource.RUSAGE_CHILDREN))
+    return np.array([own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime])
+
+
+def _decode_blocks(paths: list[str]) -> int:
+    for p in paths:
+        decode(p)
+    return len(paths)
+
+
+def _decode_only(paths: np.ndarray, workers: int) -> None:
+    """The ceiling: the same worker processes decoding the same blocks, keeping nothing."""
+    from cxrembed.data.cache import BLOCK, _pool
+
+    with _pool(workers) as pool:
+        list(pool.map(_decode_blocks, [list(paths[i:i + BLOCK])
+                                       for i in range(0, len(paths), BLOCK)]))
+
+
+def _baseline_build(rev: str):
+    """build_pixel_cache as it was at git revision ``rev`` (its module alone, read with git
+    show: no second copy of the code in the repository)."""
+    import importlib.util
+    import subprocess
+
+    source = subprocess.run(["git", "show", f"{rev}:cxrembed/data/cache.py"],
+                            cwd=Path(__file__).resolve().parent, capture_output=True,
+                            text=True, check=True).stdout
+    spec = importlib.util.spec_from_loader("cxrembed_cache_baseline", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pickling its worker function needs the module
+    exec(compile(source, f"{rev}:cxrembed/data/cache.py", "exec"), module.__dict__)
+    return module.build_pixel_cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="synthetic images when no sample")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cache-images", type=int, default=512,
+                        help="rows of the pixel cache built (the sample repeated)")
+    parser.add_argument("--baseline", default="588b599",
+                        help="git revision whose cache build is timed too ('' to skip)")
     args = parser.parse_args()
     import cv2
 
@@ -86,20 +133,37 @@ def main() -> None:
         from cxrembed.data.cache import build_pixel_cache
         from cxrembed.data.nih import NIHDataset
 
-        n = max(256, len(paths))
+        n = max(args.cache_images, len(paths))
         rows = np.arange(n) % len(paths)
+        workers = os.cpu_count() or 1
         ds = NIHDataset(root=tmp, image_id=np.array([f"{i:08d}_000.png" for i in range(n)]),
                         patient_id=np.arange(n), follow_up=np.zeros(n, int),
                         labels=np.zeros((n, 14), np.uint8), view=np.full(n, "PA"),
                         age=np.zeros(n, np.float32), sex=np.full(n, "M"),
                         split=np.full(n, "train"), path=np.array(paths)[rows])
-        workers = os.cpu_count() or 1
-        start = time.perf_counter()
-        build_pixel_cache(ds, tmp / "px.h5", workers=workers, progress=False)
-        rate = n / (time.perf_counter() - start)
-        print(f"  pixel cache build: {rate:7.1f} images/s with {workers} worker processes "
-              f"({rate / workers:.1f}/core); NIH's 112,120 images would take "
-              f"{112_120 / rate / 60:.0f} min here")
+        old_build = _baseline_build(args.baseline) if args.baseline else None
+        rates = {}
+        for _ in range(args.repeat):  # interleaved, best of each: the cores are shared
+            for name, run in (("decode only", lambda: _decode_only(ds.path, workers)),
+                              ("build (this tree)", lambda: build_pixel_cache(
+                                  ds, tmp / "px.h5", workers=workers, progress=False,
+                                  overwrite=True)),
+                              *((("build (" + args.baseline + ")", lambda: old_build(
+                                  ds, tmp / "px_old.h5", workers=workers, progress=False,
+                                  overwrite=True)),) if old_build else ())):
+                start, cpu = time.perf_counter(), _cpu()
+                run()
+                wall, (parent, children) = time.perf_counter() - start, _cpu() - cpu
+                if n / wall > rates.get(name, (0.0,))[0]:
+                    rates[name] = (n / wall, 1000 * parent / n, 1000 * children / n)
+        ceiling = rates["decode only"][0]
+        print(f"  pixel cache, {n} images, {workers} worker processes (best of {args.repeat}, "
+              "interleaved); CPU ms per image in the parent and in the workers:")
+        for name, (rate, parent, children) in rates.items():
+            print(f"    {name:24s} {rate:7.1f} images/s  {rate / ceiling:5.2f} of decode only   "
+                  f"parent {parent:5.2f} ms  workers {children:5.2f} ms")
+        rate = rates["build (this tree)"][0]
+        print(f"  NIH's 112,120 images would take {112_120 / rate / 60:.0f} min here")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

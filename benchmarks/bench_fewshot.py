@@ -1,21 +1,28 @@
-"""The full few-shot sweep on an NIH-size store of synthetic vectors, against the paper's
-approach of passing images through the encoder for every few-shot run.
+"""The full few-shot sweep on an NIH-size store of synthetic vectors: the code of an older
+revision and this tree in the same run (ratio), and the paper's approach of passing images
+through the encoder for every few-shot run.
 
-    python benchmarks/bench_fewshot.py [--quick] [--forward-ms MS] [--seeds 10]
+    python benchmarks/bench_fewshot.py [--quick] [--rows 2000] [--baseline REV | --baseline '']
+                                       [--forward-ms MS | --no-paper] [--device cuda]
 
 Store: 112,120 x 512 float16 vectors (as the HDF5 store keeps them), NIH label
 prevalences, 30,805 patients, the official test size (25,596 images of 2,797 patients),
-a planted class signal so heads have something to learn. Sweep: shots 1,2,4,8,16 x 10
-seeds x heads mlp, linear, knn, tip (+ zeroshot once), 1,000 patient resamples for the
-intervals. Targets: under 60 s on this 2-core CPU; peak memory under 2 GB.
+a planted class signal so heads have something to learn (``--rows 2000``: the demo's
+twin size, same proportions). Sweep: shots 1,2,4,8,16 x 10 seeds x heads mlp, linear,
+knn, tip (+ zeroshot once), 1,000 patient resamples for the intervals. Targets (issue 14):
+NIH size under 10 s wall and 20 s CPU on 2 cores; 2,000 rows under 5 s.
+
+Old against new: ``--baseline REV`` (default: the code before the speed work) is taken
+with ``git archive`` into a temporary folder (no second copy of the code in the
+repository); each sweep runs in its own process, one after the other, on the same data
+and seeds, and the per-head mean AUCs are compared cell by cell.
 
 The paper's approach re-encodes the test images for every few-shot run (one (shots,
 seed) draw; we count one test pass per draw, not per head, and ignore the passes over
 the training shots, so the figure below is a lower bound on its cost). The encoder's
 forward cost per image is measured here with ViT-B-32 (``pretrained=none``, weights do
-not change the cost) on a small CPU batch, in a subprocess after the sweep so that its
-memory is not counted in the sweep's peak; ``--forward-ms`` gives it instead (e.g. the
-figure from bench_encode).
+not change the cost) on a small CPU batch, in a subprocess after the sweeps;
+``--forward-ms`` gives it instead (e.g. the figure from bench_encode).
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ import numpy as np
 
 N_ROWS, DIM = 112_120, 512
 N_TEST, N_TEST_PATIENTS, N_PATIENTS = 25_596, 2_797, 30_805
+SHOTS = (1, 2, 4, 8, 16)
+HEADS = ("mlp", "linear", "knn", "tip", "zeroshot")
+#: the code before issue 14 (the speed work): what every figure is compared with
+BASELINE = "588b599"
 
 FORWARD_SNIPPET = r"""
 import json, sys, time, torch, open_clip
@@ -49,26 +60,31 @@ print(json.dumps({"ms_per_image": 1000 * min(times) / batch, "batch": batch,
 """
 
 
-def synthetic_store(seed: int = 0):
-    """EvalData shaped like NIH ChestX-ray14 encoded with a 512-d encoder."""
+def synthetic_store(seed: int = 0, rows: int = N_ROWS):
+    """EvalData shaped like NIH ChestX-ray14 encoded with a 512-d encoder; ``rows`` scales
+    it (the test split, patients and prevalences keep NIH's proportions)."""
     from cxrembed.fewshot import EvalData
     from cxrembed.labels import LABELS, NIH_PREVALENCE
 
+    scale = rows / N_ROWS
+    n_test = max(1, round(N_TEST * scale))
+    n_test_patients = max(1, min(n_test, round(N_TEST_PATIENTS * scale)))
+    n_patients = max(n_test_patients + 1, round(N_PATIENTS * scale))
     rng = np.random.default_rng(seed)
-    # Patients: 2,797 test patients own exactly 25,596 images; the rest share the others.
-    test_pid = np.sort(rng.integers(0, N_TEST_PATIENTS, N_TEST))
-    test_pid[:N_TEST_PATIENTS] = np.arange(N_TEST_PATIENTS)  # every test patient has one
-    other_pid = rng.integers(N_TEST_PATIENTS, N_PATIENTS, N_ROWS - N_TEST)
+    # Patients: the test patients own exactly n_test images; the rest share the others.
+    test_pid = np.sort(rng.integers(0, n_test_patients, n_test))
+    test_pid[:n_test_patients] = np.arange(n_test_patients)  # every test patient has one
+    other_pid = rng.integers(n_test_patients, n_patients, rows - n_test)
     patient = np.concatenate([other_pid, test_pid])
-    is_val = rng.random(N_PATIENTS) < 0.1
-    split = np.where(patient < N_TEST_PATIENTS, "test",
+    is_val = rng.random(n_patients) < 0.1
+    split = np.where(patient < n_test_patients, "test",
                      np.where(is_val[patient], "val", "train"))
-    labels = (rng.random((N_ROWS, 14)) < np.array(NIH_PREVALENCE)).astype(np.uint8)
+    labels = (rng.random((rows, 14)) < np.array(NIH_PREVALENCE)).astype(np.uint8)
     directions = rng.normal(size=(14, DIM)).astype(np.float32)
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    raw = np.empty((N_ROWS, DIM), dtype=np.float16)
-    for start in range(0, N_ROWS, 16384):  # float16, like the store, built in blocks
-        block = rng.normal(size=(min(16384, N_ROWS - start), DIM)).astype(np.float32)
+    raw = np.empty((rows, DIM), dtype=np.float16)
+    for start in range(0, rows, 16384):  # float16, like the store, built in blocks
+        block = rng.normal(size=(min(16384, rows - start), DIM)).astype(np.float32)
         block += 2.0 * labels[start:start + len(block)].astype(np.float32) @ directions
         raw[start:start + len(block)] = 10 * block / np.sqrt(DIM)
     text = {name: ((directions[c] + 0.1 * rng.normal(size=(2, DIM))).astype(np.float32),
@@ -76,7 +92,7 @@ def synthetic_store(seed: int = 0):
             for c, name in enumerate(LABELS)}
     return EvalData(labels=labels, patient_id=patient, split=split,
                     embeddings=lambda rows: raw[rows].astype(np.float32), text=text,
-                    source={"store": "synthetic NIH-size", "rows": N_ROWS})
+                    source={"store": "synthetic NIH-size", "rows": rows})
 
 
 def measure_forward(batch: int) -> dict:
@@ -87,58 +103,132 @@ def measure_forward(batch: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_child(args: argparse.Namespace) -> None:
+    """One sweep with whatever cxrembed is importable; one JSON line on stdout."""
+    from cxrembed.fewshot import run_fewshot
+
+    t0 = time.perf_counter()
+    data = synthetic_store(rows=args.rows)
+    build_s = time.perf_counter() - t0
+    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    options = {"shots": SHOTS, "seeds": args.seeds, "heads": HEADS, "bootstrap": args.bootstrap}
+    if args.device != "cpu":
+        options["device"] = args.device
+    load_before = os.getloadavg()[0]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    result = run_fewshot(data, **options)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    per_head = defaultdict(list)
+    for run in result.runs:
+        if run["shots"]:
+            per_head[run["head"]].append(run["seconds"])
+    n_test = int((data.split == "test").sum())
+    print(json.dumps({
+        "code": __import__("cxrembed").__file__, "wall_s": wall, "cpu_s": cpu,
+        "build_s": build_s, "load": [load_before, os.getloadavg()[0]],
+        "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "data_gb": rss_data, "n_test": n_test,
+        "n_test_patients": int(len(np.unique(data.patient_id[data.split == "test"]))),
+        "ci": result.config.ci, "timing": result.timing,
+        "ms_per_cell": {h: [1000 * float(np.mean(v)), 1000 * float(max(v))]
+                        for h, v in per_head.items()},
+        "summary": [{"head": r["head"], "shots": r["shots"], **r["mean_auc"]}
+                    for r in result.summary]}))
+
+
+def extract(rev: str) -> str:
+    """The package at git revision ``rev``, extracted to a temporary folder (no checkout)."""
+    import tempfile
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=os.path.dirname(
+        os.path.abspath(__file__)), capture_output=True, text=True, check=True).stdout.strip()
+    folder = tempfile.mkdtemp(prefix=f"cxrembed-{rev[:12]}-")
+    archive = subprocess.run(["git", "archive", rev, "cxrembed"], cwd=root,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def sweep_in(code: str | None, args: argparse.Namespace) -> dict:
+    """Run one sweep in a child process importing cxrembed from ``code`` (None: this tree)."""
+    env = dict(os.environ)
+    root = code or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(args.rows),
+           "--seeds", str(args.seeds), "--bootstrap", str(args.bootstrap), "--device",
+           args.device if code is None else "cpu"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"sweep with {root} failed: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report(tag: str, r: dict) -> None:
+    print(f"{tag}: wall {r['wall_s']:.1f} s, CPU {r['cpu_s']:.1f} s (all threads), peak RSS "
+          f"{r['peak_gb']:.2f} GB (data {r['data_gb']:.2f}); load {r['load'][0]:.1f} before, "
+          f"{r['load'][1]:.1f} after ({os.cpu_count()} cores, shared)")
+    t = r["timing"]
+    cells = ", ".join(f"{h} {m:.0f} ms (max {x:.0f})" for h, (m, x) in r["ms_per_cell"].items())
+    print(f"  fit + predict per cell: {cells}; zeroshot {1000 * t['fit_predict_s']['zeroshot']:.0f}"
+          f" ms; scoring {t['scoring_s']:.1f} s in all, waited {t['scoring_wait_s']:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 200 resamples")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--rows", type=int, default=N_ROWS,
+                        help="store size (2000: the demo's twin)")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="git revision to compare with, run in the same benchmark ('' "
+                             "to skip)")
+    parser.add_argument("--device", default="cpu", help="device of the new code's sweep")
     parser.add_argument("--forward-ms", type=float, default=None,
                         help="encoder forward ms per image (default: measure ViT-B-32)")
+    parser.add_argument("--no-paper", action="store_true",
+                        help="skip the paper's-approach estimate (no ViT-B-32 forward)")
     parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    seeds, bootstrap = (2, 200) if args.quick else (args.seeds, args.bootstrap)
+    if args.quick:
+        args.seeds, args.bootstrap = 2, 200
+    if args.child:
+        run_child(args)
+        return
 
-    from cxrembed.fewshot import run_fewshot
+    old = sweep_in(extract(args.baseline), args) if args.baseline else None
+    new = sweep_in(None, args)
+    print(f"store: {args.rows:,} x {DIM} float16 (synthetic), {new['n_test']:,} test rows of "
+          f"{new['n_test_patients']:,} patients; built in {new['build_s']:.1f} s")
+    print(f"sweep: shots {','.join(map(str, SHOTS))} x {args.seeds} seeds x heads "
+          f"{','.join(HEADS)}; {args.bootstrap} patient resamples (ci={new['ci']}); each "
+          "sweep in its own process, one after the other")
+    if old:
+        report(f"old code ({args.baseline})", old)
+    report("new code", new)
+    if old:
+        print(f"ratio old / new: wall {old['wall_s'] / new['wall_s']:.2f}x, CPU "
+              f"{old['cpu_s'] / new['cpu_s']:.2f}x")
+    target_wall, target_cpu = (10, 20) if args.rows == N_ROWS else (5, None)
+    print(f"targets: wall < {target_wall} s: {'OK' if new['wall_s'] < target_wall else 'MISSED'}"
+          + (f"; CPU < {target_cpu} s: {'OK' if new['cpu_s'] < target_cpu else 'MISSED'}"
+             if target_cpu else ""))
+    before = {(r["head"], r["shots"]): r for r in old["summary"]} if old else {}
+    worst: dict[str, float] = defaultdict(float)
+    for row in new["summary"]:
+        was = before.get((row["head"], row["shots"]))
+        diff = "" if was is None else f"  old {was['mean']:.4f}  diff {row['mean'] - was['mean']:+.4f}"
+        if was is not None:
+            worst[row["head"]] = max(worst[row["head"]], abs(row["mean"] - was["mean"]))
+        print(f"    {row['head']:8s} {row['shots']:2d} shots: mean AUC {row['mean']:.4f} +- "
+              f"{row['std']:.4f}  [{row['ci_low']:.4f}, {row['ci_high']:.4f}]{diff}")
+    if worst:
+        print("largest |new - old| mean AUC per head (same seeds): "
+              + ", ".join(f"{h} {d:.4f}" for h, d in worst.items()))
 
-    t0 = time.perf_counter()
-    data = synthetic_store()
-    build_s = time.perf_counter() - t0
-    rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    heads = ("mlp", "linear", "knn", "tip", "zeroshot")
-    shots = (1, 2, 4, 8, 16)
-    load_before = os.getloadavg()[0]
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    result = run_fewshot(data, shots=shots, seeds=seeds, heads=heads, bootstrap=bootstrap)
-    sweep_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
-    load_after = os.getloadavg()[0]
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-    per_head = defaultdict(list)
-    for run in result.runs:
-        if run["shots"]:
-            per_head[run["head"]].append(run["seconds"])
-    cells = sum(len(v) for v in per_head.values())
-    print(f"store: {N_ROWS:,} x {DIM} float16 (synthetic), {N_TEST:,} test rows of "
-          f"{N_TEST_PATIENTS:,} patients; built in {build_s:.1f} s")
-    print(f"sweep: shots {','.join(map(str, shots))} x {seeds} seeds x heads "
-          f"{','.join(heads)}; {bootstrap} patient resamples (ci={result.config.ci})")
-    print(f"sweep wall time: {sweep_s:.1f} s  (target < 60 s)  "
-          f"{'OK' if sweep_s < 60 else 'MISSED'};  CPU time (all threads) {cpu_s:.1f} s; "
-          f"1-min load average {load_before:.1f} before, {load_after:.1f} after "
-          f"({os.cpu_count()} cores; other processes share them)")
-    print(f"  fit + predict per (shots, seed, head) cell, mean over {cells} cells: "
-          f"{1000 * sum(sum(v) for v in per_head.values()) / cells:.0f} ms")
-    for head, secs in per_head.items():
-        print(f"    {head:7s} {1000 * np.mean(secs):7.0f} ms/cell  (max {1000 * max(secs):.0f})")
-    print(f"  zeroshot (scored once): {1000 * result.timing['fit_predict_s']['zeroshot']:.0f} ms")
-    print(f"  AUC + bootstrap scoring: {result.timing['scoring_s']:.1f} s in all")
-    print(f"peak memory (max RSS, data included): {peak_gb:.2f} GB (data alone "
-          f"{rss_data:.2f} GB; target < 2 GB) {'OK' if peak_gb < 2 else 'MISSED'}")
-    for row in result.summary:
-        m = row["mean_auc"]
-        print(f"    {row['head']:8s} {row['shots']:2d} shots: mean AUC {m['mean']:.4f} +- "
-              f"{m['std']:.4f}  [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
-
+    if args.no_paper:
+        return
     if args.forward_ms is None:
         fwd = measure_forward(args.forward_batch)
         forward_ms, how = fwd["ms_per_image"], (f"measured: open_clip ViT-B-32, pretrained=None, "
@@ -146,12 +236,12 @@ def main() -> None:
                                                 f"{fwd['threads']} threads")
     else:
         forward_ms, how = args.forward_ms, "given with --forward-ms"
-    draws = len(shots) * seeds
-    paper_s = draws * N_TEST * forward_ms / 1000
+    draws = len(SHOTS) * args.seeds
+    paper_s = draws * new["n_test"] * forward_ms / 1000
     print(f"encoder forward: {forward_ms:.1f} ms/image ({how})")
     print(f"paper's approach (test set re-encoded once per draw, {draws} draws, shots' own "
           f"passes not counted): {paper_s:,.0f} s = {paper_s / 3600:.1f} h")
-    print(f"ratio paper / cached-vector sweep: {paper_s / sweep_s:,.0f}x")
+    print(f"ratio paper / cached-vector sweep: {paper_s / new['wall_s']:,.0f}x")
 
 
 if __name__ == "__main__":

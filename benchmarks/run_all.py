@@ -28,6 +28,9 @@ BENCHMARKS = {
     "search": ("bench_search.py", [], ["--sizes", "112120", "--queries", "200", "--single", "20"]),
     "fewshot": ("bench_fewshot.py", [], ["--quick"]),
     "serve": ("bench_serve.py", [], ["--images", "20000", "--requests", "20", "--image-requests", "2"]),
+    "fewshot-demo": ("bench_fewshot.py", ["--rows", "2000", "--no-paper"],
+                     ["--rows", "2000", "--no-paper", "--quick"]),
+    "linear": ("bench_linear.py", [], ["--draws", "2"]),
     "centring": ("bench_centring.py", [], ["--images", "600"]),
 }
 

@@ -12,11 +12,12 @@ Conventions a reader can rely on:
   patient's rows (images of one patient are correlated; resampling rows would give
   intervals that are too narrow). Seeded, 1,000 resamples by default, percentile intervals.
 
-Implementation: one sort per class; the weighted Mann-Whitney statistic of every resample
-is then a sparse (groups x patients) by dense (patients x resamples) product, so the cost is
-about ``rows x resamples`` multiply-adds per class, in C, with no Python loop over
-resamples. Weights all equal to one give the point estimate through the same code, so the
-point estimate and the replicates cannot disagree on tie handling.
+Implementation (:func:`weighted_aucs`): one sort per class; the weighted Mann-Whitney
+statistic of every resample of every class is then one sparse (groups x patients) by dense
+(patients x resamples) product, about ``rows x classes x resamples`` multiply-adds in C,
+with no Python loop over classes or resamples. Resample weights are whole numbers, so the
+sums are exact in float32. Weights all equal to one give the point estimate through the
+same code, so the point estimate and the replicates cannot disagree on tie handling.
 """
 
 from __future__ import annotations
@@ -92,88 +93,6 @@ def _warn_undefined(auc: np.ndarray, names: Sequence[str] | None, y: np.ndarray 
                   "the mean", UndefinedAUCWarning, stacklevel=stacklevel)
 
 
-# ---------------------------------------------------------------------------------------
-# The weighted Mann-Whitney statistic, for one class, many weightings at once
-
-
-def _weighted_auc(y: np.ndarray, s: np.ndarray, patient: np.ndarray | None,
-                  weights: np.ndarray | None) -> np.ndarray:
-    """AUC of one class under each column of ``weights`` (patients x W), float64 (W,).
-
-    Row ``i`` carries weight ``weights[patient[i], w]``; ``weights=None`` means every row
-    once (the plain AUC, shape (1,)). NaN for a weighting with no positive or no negative
-    weight.
-    """
-    n_weightings = 1 if weights is None else weights.shape[1]
-    order = np.argsort(s)
-    s_sorted, y_sorted = s[order], y[order]
-    new_group = np.empty(len(s), dtype=bool)
-    new_group[:1] = True
-    np.not_equal(s_sorted[1:], s_sorted[:-1], out=new_group[1:])
-    group = np.cumsum(new_group) - 1  # tie group of each sorted row
-
-    pos_group = group[y_sorted]
-    neg_group = group[~y_sorted]
-    if not len(pos_group) or not len(neg_group):
-        return np.full(n_weightings, np.nan)
-    keep = np.empty(len(pos_group), dtype=bool)
-    keep[:1] = True
-    np.not_equal(pos_group[1:], pos_group[:-1], out=keep[1:])
-    groups = pos_group[keep]  # score groups holding positives, ascending
-    m = len(groups)
-
-    k_pos = np.cumsum(keep) - 1  # positives come sorted: their group index is a cumsum
-    k_above = np.searchsorted(groups, neg_group, side="right")  # first group above a negative
-    k_tie = k_above - 1
-    tied = k_tie >= 0
-    tied[tied] = groups[k_tie[tied]] == neg_group[tied]
-    below = k_above < m  # negatives above every positive count for nobody
-
-    if weights is None:
-        pos_w = np.bincount(k_pos, minlength=m).astype(np.float64)
-        between_w = np.bincount(k_above[below], minlength=m).astype(np.float64)
-        below_w = np.cumsum(between_w)
-        if tied.any():
-            below_w += 0.5 * np.bincount(k_tie[tied], minlength=m)
-        return np.array([pos_w @ below_w / (len(pos_group) * len(neg_group))])
-
-    import scipy.sparse as sp
-
-    n_patients = weights.shape[0]
-    p_sorted = patient[order]
-    p_pos, p_neg = p_sorted[y_sorted], p_sorted[~y_sorted]
-    # One sparse matrix, rows [positive weight | negatives first below group k | tied
-    # negatives], each block (m x patients). Row indices come out sorted, so the CSR is
-    # built directly (duplicates are summed by the product).
-    rows = [k_pos, m + k_above[below]]
-    cols = [p_pos, p_neg[below]]
-    has_ties = bool(tied.any())
-    if has_ties:
-        rows.append(2 * m + k_tie[tied])
-        cols.append(p_neg[tied])
-    n_blocks = 3 if has_ties else 2
-    rows_all = np.concatenate(rows)
-    indptr = np.zeros(n_blocks * m + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows_all, minlength=n_blocks * m), out=indptr[1:])
-    a = sp.csr_matrix((np.ones(len(rows_all)), np.concatenate(cols), indptr),
-                      shape=(n_blocks * m, n_patients))
-    r = a @ weights  # (blocks * m, W)
-    pos_w, below_w = r[:m], r[m:2 * m]
-    if n_weightings < 512:
-        np.cumsum(below_w, axis=0, out=below_w)  # negative weight strictly below each group
-    else:  # with many columns, row-by-row adds beat numpy's strided accumulate
-        for k in range(1, m):
-            below_w[k] += below_w[k - 1]
-    if has_ties:
-        below_w += 0.5 * r[2 * m:]
-    u = np.einsum("kw,kw->w", pos_w, below_w)
-    total_pos = np.bincount(p_pos, minlength=n_patients) @ weights
-    total_neg = np.bincount(p_neg, minlength=n_patients) @ weights
-    denom = total_pos * total_neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan)
-
-
 def _patient_index(patient_id: Any, n: int) -> tuple[np.ndarray, int]:
     pid = np.asarray(patient_id)
     if pid.shape != (n,):
@@ -228,7 +147,7 @@ def per_class_auc(y_true: Any, scores: Any, *, names: Sequence[str] | None = Non
         if warn:
             _warn_undefined(auc, names, y, known=mask)
         return auc
-    auc = np.array([_weighted_auc(y[:, c], s[:, c], None, None)[0] for c in range(y.shape[1])])
+    auc = weighted_aucs(y, s, np.arange(len(y)), np.ones((len(y), 1), np.float32))[0]
     if warn:
         _warn_undefined(auc, names, y)
     return auc
@@ -269,13 +188,16 @@ def resample_patients(n_patients: int, n_resamples: int = DEFAULT_RESAMPLES, see
 
 
 def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
-                   weights: np.ndarray, known: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Point AUCs ``(C,)`` and the AUCs of every resample ``(B, C)`` in one pass per class.
+                   weights: np.ndarray, known: Any = None, device: Any = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Point AUCs ``(C,)`` and the AUCs of every resample ``(B, C)``, all classes at once.
 
     ``patient_index`` maps rows to ``0..P-1``; ``weights`` is ``(P, B)`` as from
     :func:`resample_patients`. NaN marks an undefined class (point or replicate). Quiet:
-    callers decide what to warn about. ``known`` leaves unknown labels out of their class
-    (see :func:`per_class_auc`).
+    callers decide what to warn about. Both are exact (see :func:`weighted_aucs`).
+    ``known`` leaves unknown labels out of their class (see :func:`per_class_auc`).
+    ``device`` (a torch device: "cuda", or "cpu" to test that path) computes them with
+    :func:`weighted_aucs_torch` instead of numpy.
     """
     y, s = _as_2d(y_true, scores)
     mask = _known_mask(known, y.shape)
@@ -283,19 +205,131 @@ def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
         index = np.asarray(patient_index).reshape(-1)
         point, reps = np.empty(y.shape[1]), np.empty((weights.shape[1], y.shape[1]))
         for cols, (p, r) in _by_class(
-                mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights),
-                lambda c, rows: replicate_aucs(y[rows, c], s[rows, c], index[rows], weights)):
+                mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights,
+                                                  device=device),
+                lambda c, rows: replicate_aucs(y[rows, c], s[rows, c], index[rows], weights,
+                                               device=device)):
             point[cols], reps[:, cols] = p, r
         return point, reps
     n_patients = weights.shape[0]
     # Column 0 weights every patient once: the point estimate, through the same code path.
-    w = np.empty((n_patients, weights.shape[1] + 1))
+    w = np.empty((n_patients, weights.shape[1] + 1), np.float32)
     w[:, 0] = 1.0
     w[:, 1:] = weights
-    out = np.empty((w.shape[1], y.shape[1]))
-    for c in range(y.shape[1]):
-        out[:, c] = _weighted_auc(y[:, c], s[:, c], patient_index, w)
+    index = np.asarray(patient_index).reshape(-1)
+    out = (weighted_aucs(y, s, index, w) if device is None
+           else weighted_aucs_torch(y, s, index, w, device))
     return out[0], out[1:]
+
+
+# ---------------------------------------------------------------------------------------
+# The weighted Mann-Whitney statistic, every class and many weightings at once
+
+
+def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np.ndarray
+                  ) -> np.ndarray:
+    """``(W, C)`` AUC of every class under every column of ``weights`` (patients x W):
+    row i of class c counts ``weights[patient[i], w]`` times.
+
+    One sort per class; then the weighted Mann-Whitney statistic of every weighting is one
+    sparse (groups x patients) by dense (patients x W) product for all classes together:
+    about ``rows x classes x W`` multiply-adds, in C. Weights are whole numbers (patients
+    drawn), so every sum is a whole or half number, exact in float32 below 2**23 (far
+    above any test set's size): float32 halves the memory traffic and rounds nothing.
+    """
+    import scipy.sparse as sp
+
+    n, n_classes = y.shape
+    w = np.ascontiguousarray(weights, dtype=np.float32)
+    n_w = w.shape[1]
+    st = np.ascontiguousarray(s.T)
+    order = np.argsort(st, axis=1)  # (C, n): each class's rows by score
+    rows_c = np.arange(n_classes)[:, None]
+    s_sorted, y_sorted = st[rows_c, order], y.T[rows_c, order].astype(bool)
+    new_group = np.ones(s_sorted.shape, dtype=bool)
+    np.not_equal(s_sorted[:, 1:], s_sorted[:, :-1], out=new_group[:, 1:])
+    # Tie groups numbered across classes: class c's ids lie in [c n, (c + 1) n).
+    group = (np.cumsum(new_group, axis=1) - 1 + rows_c * n).ravel()
+    is_pos = y_sorted.ravel()
+    patient_sorted = patient[order].ravel()
+    has_pos = np.zeros(n_classes * n, dtype=bool)
+    has_pos[group[is_pos]] = True
+    upto = np.cumsum(has_pos)  # positive groups with id <= g, over all classes
+    m = int(upto[-1]) if len(upto) else 0
+    bounds = np.concatenate([[0], upto[np.arange(1, n_classes + 1) * n - 1]])
+    pos_k = upto[group[is_pos]] - 1  # the positive group of each positive row
+    neg_group = group[~is_pos]
+    neg_class = neg_group // n
+    k_above = upto[neg_group]  # first positive group above a negative
+    below = k_above < bounds[neg_class + 1]  # else above every positive of its class
+    tied = has_pos[neg_group]  # tied with positive group k_above - 1
+    neg_patient = patient_sorted[~is_pos]
+    # One sparse matrix: rows 0..m-1 the positive weight of each group, rows m..2m-1 the
+    # negative weight entering below each group: a negative counts from its first group
+    # above (cumulated below); a tied one half from its own group, half from the next.
+    rows = np.concatenate([pos_k, m + k_above[below], m + k_above[tied] - 1])
+    cols = np.concatenate([patient_sorted[is_pos], neg_patient[below], neg_patient[tied]])
+    data = np.concatenate([np.ones(len(pos_k), np.float32),
+                           np.where(tied[below], 0.5, 1.0).astype(np.float32),
+                           np.full(int(tied.sum()), 0.5, np.float32)])
+    perm = np.argsort(rows, kind="stable")  # three sorted runs: a merge
+    indptr = np.zeros(2 * m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=2 * m), out=indptr[1:])
+    a = sp.csr_matrix((data[perm], cols[perm], indptr), shape=(2 * m, w.shape[0]))
+    starts, defined = bounds[:-1], bounds[1:] > bounds[:-1]
+    u = np.zeros((n_classes, n_w))
+    total_pos = np.zeros((n_classes, n_w))
+    # Weight columns in blocks whose (2m, block) product stays near the CPU caches.
+    block = int(max(16, min(n_w, 2**21 // max(m, 1))))
+    for lo in range(0, n_w if m else 0, block):
+        cols_w = slice(lo, min(lo + block, n_w))
+        r = a @ w[:, cols_w]  # (2m, block)
+        pos_w, below_w = r[:m], r[m:]
+        np.cumsum(below_w, axis=0, out=below_w)  # over all classes: offsets removed below
+        u[defined, cols_w] = np.add.reduceat(np.multiply(pos_w, below_w, dtype=np.float64),
+                                             starts[defined], axis=0)
+        total_pos[defined, cols_w] = np.add.reduceat(pos_w, starts[defined], axis=0)
+        offset = np.zeros((n_classes, r.shape[1]))  # negative weight of the classes before
+        offset[starts > 0] = below_w[starts[starts > 0] - 1]
+        u[:, cols_w] -= offset * total_pos[:, cols_w]
+    total_neg = (np.bincount(patient, minlength=w.shape[0]).astype(np.float32) @ w
+                 ).astype(np.float64) - total_pos
+    denom = total_pos * total_neg
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan).T
+
+
+def weighted_aucs_torch(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: Any,
+                        device: Any = "cpu", block: int = 256) -> np.ndarray:
+    """:func:`weighted_aucs` with torch on ``device`` (a GPU; tested on the CPU): per
+    class, rows sorted once, the weights of each row gathered, summed per tie group, and
+    the Mann-Whitney sum taken over groups, ``block`` weightings at a time, in float64."""
+    import torch
+
+    w_all = torch.as_tensor(weights, device=device, dtype=torch.float64)
+    st = torch.as_tensor(np.ascontiguousarray(s.T), device=device, dtype=torch.float64)
+    yt = torch.as_tensor(np.ascontiguousarray(y.T), device=device).bool()
+    pt = torch.as_tensor(patient, device=device, dtype=torch.long)
+    out = torch.empty((y.shape[1], w_all.shape[1]), dtype=torch.float64, device=device)
+    for c in range(y.shape[1]):
+        values, order = torch.sort(st[c])
+        new_group = torch.ones_like(values, dtype=torch.long)
+        new_group[1:] = (values[1:] != values[:-1]).long()
+        group = torch.cumsum(new_group, 0) - 1
+        n_groups = int(group[-1]) + 1 if len(group) else 0
+        pos = yt[c][order]
+        for lo in range(0, w_all.shape[1], block):
+            rows_w = w_all[pt[order], lo:lo + block]  # (n, block)
+            pos_g = torch.zeros((n_groups, rows_w.shape[1]), dtype=torch.float64, device=device)
+            neg_g = torch.zeros_like(pos_g)
+            pos_g.index_add_(0, group[pos], rows_w[pos])
+            neg_g.index_add_(0, group[~pos], rows_w[~pos])
+            below = torch.cumsum(neg_g, 0) - neg_g + 0.5 * neg_g
+            u = (pos_g * below).sum(0)
+            denom = pos_g.sum(0) * neg_g.sum(0)
+            out[c, lo:lo + block] = torch.where(denom > 0, u / torch.where(denom > 0, denom, 1.0),
+                                                torch.nan)
+    return out.T.cpu().numpy()
 
 
 @dataclass(frozen=True)

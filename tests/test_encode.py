@@ -374,3 +374,17 @@ def test_real_nih_pngs_with_vit_b_32(shared_nih, tmp_path):
         allowed = store.patient_id != store.patient_id[0]
         sims = np.where(allowed, x @ x[0], -np.inf)
         assert [h.row for h in hits] == list(np.argsort(-sims, kind="stable")[:5])
+
+
+def test_decode_bound_is_said_only_for_pngs_that_kept_the_model_waiting():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from cxrembed.encode.pipeline import EncodeResult, decode_bound
+    from cxrembed.encode.runner import StageSeconds
+
+    pngs, cached = SimpleNamespace(cache=None), SimpleNamespace(cache=object())
+    assert decode_bound(pngs, StageSeconds(read=9.0, infer=1.0))  # cxr-tiny from PNGs
+    assert not decode_bound(pngs, StageSeconds(read=1.0, infer=9.0))  # ViT-B-32 on a CPU
+    assert not decode_bound(cached, StageSeconds(read=9.0, infer=1.0))  # nothing to cache
+    assert EncodeResult(Path("s.h5"), None, 1, 1, 0, 1.0, 1.0).to_dict()["decode_bound"] is False

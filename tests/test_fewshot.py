@@ -103,6 +103,67 @@ def test_sampling_is_from_one_split_nested_and_takes_all_of_a_small_class(world)
     assert len(none) < len(samples[4])
 
 
+def test_the_sweep_draws_its_samples_with_sample_shots(world):
+    result = sweep(eval_data(world), shots=(1, 2, 4), seeds=2, bootstrap=0, heads=("knn",),
+                   seed=3)
+    for rec in result.samples:
+        train = sample_shots(world["y"], world["split"], rec["shots"], rec["seed"], base_seed=3)
+        val = sample_shots(world["y"], world["split"], rec["shots"], rec["seed"], base_seed=3,
+                           split_name="val")
+        assert rec["train_rows"] == train.tolist() and rec["val_rows"] == val.tolist()
+    nested = sample_shots(world["y"], world["split"], (1, 2, 4), 1, base_seed=3)
+    assert [a.tolist() for a in nested] == [
+        sample_shots(world["y"], world["split"], k, 1, base_seed=3).tolist() for k in (1, 2, 4)]
+
+
+def test_a_class_short_of_shots_is_reported_and_impossible_shots_refused(world):
+    y = world["y"].copy()
+    train = np.flatnonzero(world["split"] == "train")
+    y[train, 13] = 0
+    y[train[:3], 13] = 1  # Hernia: 3 training images
+    result = sweep(eval_data(world, labels=y), shots=(2, 4, 8), seeds=1, bootstrap=0,
+                   heads=("linear",))
+    short = {(r["split"], r["class"], r["shots"]): r["available"]
+             for r in result.source["shortfall"]}
+    assert short[("train", "Hernia", 4)] == 3 and short[("train", "Hernia", 8)] == 3
+    assert ("train", "Hernia", 2) not in short
+    assert all(k[1] == "Hernia" or k[0] == "val" for k in short)
+    from cxrembed.fewshot import class_supply
+
+    most = max(class_supply(y, world["split"]).values())
+    with pytest.raises(ConfigError, match=f"--shots {most + 1}: the train split has at most "
+                                          f"{most} images of one class"):
+        sweep(eval_data(world, labels=y), shots=(1, most + 1), seeds=1, heads=("knn",))
+
+
+def test_cli_says_when_shots_are_short_and_refuses_too_many(world, tmp_path):
+    write_store(tmp_path / "s.h5", world)
+    base = [sys.executable, "-m", "cxrembed", "fewshot", str(tmp_path / "s.h5"), "--seeds", "1",
+            "--heads", "knn", "--bootstrap", "0", "--no-progress", "--out", str(tmp_path / "f")]
+    done = subprocess.run(base + ["--shots", "1000"], capture_output=True, text=True)
+    assert done.returncode == 1 and "--shots 1000" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "f").exists()
+    most = max(world["y"][world["split"] == "train"].sum(axis=0))
+    done = subprocess.run(base + ["--shots", str(most)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr
+    assert "fewer shots than asked" in printed and f"fewer than {most} shots" in printed
+    assert load_result(tmp_path / "f")["source"]["shortfall"]
+
+
+def test_cli_refuses_cuda_without_a_gpu_before_any_work(world, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present (tests/test_gpu.py runs the sweep on it)")
+    write_store(tmp_path / "s.h5", world)
+    done = subprocess.run([sys.executable, "-m", "cxrembed", "fewshot", str(tmp_path / "s.h5"),
+                           "--device", "cuda", "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "no CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "f").exists()
+
+
 def test_heads_beat_chance_and_improve_with_shots(world):
     result = sweep(eval_data(world), shots=(1, 16), seeds=3, bootstrap=0)
     mean = {(r["head"], r["shots"]): r["mean_auc"]["mean"] for r in result.summary}

@@ -36,3 +36,19 @@ def test_adapt_epoch_on_cuda(twin, tmp_path):
                                         workers=2, lr_encoder=1e-3, lr_head=1e-3))
     result = adapt(load_nih(twin), tmp_path / "run", config, device="cuda", progress=False)
     assert result.epochs_run == 1 and np.isfinite(result.val_mean_auc)
+
+
+def test_fewshot_sweep_on_cuda_matches_cpu():
+    """The mlp head and the scorer on the GPU give the CPU's numbers (same random draws)."""
+    from cxrembed.fewshot import run_fewshot
+    from test_fewshot import FAST, eval_data, planted
+
+    data = eval_data(planted(1200, seed=2))
+    options = dict(shots=(2, 8), seeds=2, bootstrap=100, heads=("mlp", "linear", "zeroshot"),
+                   head_options=FAST)
+    cpu = run_fewshot(data, **options)
+    gpu = run_fewshot(data, device="cuda", **options)
+    for a, b in zip(cpu.summary, gpu.summary):
+        assert a["head"] == b["head"] and a["shots"] == b["shots"]
+        assert abs(a["mean_auc"]["mean"] - b["mean_auc"]["mean"]) < 2e-3
+        assert abs(a["mean_auc"]["ci_low"] - b["mean_auc"]["ci_low"]) < 2e-3

@@ -199,3 +199,52 @@ def test_mlp_is_reproducible_leaves_global_rng_alone_and_fit_many_matches_fit(da
     alone = MLPHead(seed=6, epochs=4).fit(x[:100], y[:100], *data["val"])
     np.testing.assert_allclose(members[1].predict(x), alone.predict(x), atol=1e-4)
     assert members[1].selected == alone.selected
+
+
+def test_stacked_adamw_is_torchs_adamw_per_member():
+    """Three members stepped in changing subsets equal three torch.optim.AdamW optimisers
+    that step only when their member has a batch."""
+    torch = pytest.importorskip("torch")
+    from cxrembed.heads.mlp import MLPConfig, _AdamW
+
+    config = MLPConfig(lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3, 4, 5, generator=gen)
+    stacked = {"w": start.clone().requires_grad_(True)}
+    ours = _AdamW(stacked, config)
+    alone = [start[i].clone().requires_grad_(True) for i in range(3)]
+    reference = [torch.optim.AdamW([p], lr=config.lr, betas=config.betas, eps=config.eps,
+                                   weight_decay=config.weight_decay) for p in alone]
+    for members in ([0, 1, 2], [0, 2], [1], [0, 1, 2], [2]):
+        grad = torch.randn(3, 4, 5, generator=gen)
+        stacked["w"].grad = grad.clone()
+        ours.step(members)
+        for i in members:
+            alone[i].grad = grad[i].clone()
+            reference[i].step()
+    for i in range(3):
+        torch.testing.assert_close(stacked["w"][i].detach(), alone[i].detach(), rtol=0, atol=1e-6)
+
+
+def test_mlp_predict_many_equals_each_heads_own_forward(data):
+    torch = pytest.importorskip("torch")
+    from cxrembed.heads.mlp import MLPHead
+
+    x, y = data["train"]
+    heads = MLPHead.fit_many([MLPHead(seed=s, epochs=2, predict_batch=64) for s in (1, 2, 3)],
+                             [(x, y, None, None)] * 3)
+    test = data["test"][0]
+    together = MLPHead.predict_many(heads, test)
+    for head, scores in zip(heads, together):
+        with torch.no_grad():
+            expected = head.module(torch.from_numpy(test)).double().numpy()
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+        assert scores.shape == (len(test), 14)
+
+
+def test_mlp_on_cuda_without_a_gpu_is_refused_by_name(data):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(ConfigError, match="device 'cuda'.*no CUDA GPU"):
+        make_head("mlp", device="cuda").fit(*data["train"])

@@ -182,20 +182,26 @@ def fewshot(
     seed: SeedOpt = 0,
     out: Annotated[Path, typer.Option(
         "--out", help="Folder for JSON, CSV, config and plot.")] = Path("fewshot"),
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu, or cuda / cuda:N: the mlp head and the AUC scorer on a GPU."
+    )] = "cpu",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Few-shot sweep: shots x seeds x heads on the store's vectors, scored on test."""
-    from cxrembed.fewshot import run_fewshot
+    from cxrembed.fewshot import describe_shortfall, run_fewshot
 
     result = run_fewshot(store, out=out, prompts=prompts, progress=not no_progress,
                          shots=_int_list(shots, "--shots"), seeds=seeds,
                          heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
                          init=init, no_finding=no_finding, bootstrap=bootstrap, ci=ci,
-                         seed=seed)
+                         seed=seed, device=device)
     if json_out:
-        print_json({"summary": result.summary, "timing": result.timing, "out": str(out)})
+        print_json({"summary": result.summary, "timing": result.timing, "out": str(out),
+                    "shortfall": result.source["shortfall"]})
         return
+    for line in describe_shortfall(result.source["shortfall"]):
+        console.print(f"[yellow]fewer shots than asked[/] {escape(line)}")
     table = Table(title=f"few-shot mean AUC on {result.source['n_test']:,} test images: "
                         f"mean +- std over {result.config.seeds} seeds [95% CI, patients]")
     table.add_column("head")

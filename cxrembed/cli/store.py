@@ -97,6 +97,10 @@ def encode(
     if stages:
         console.print(f"time per stage: read (waiting for images) {stages['read']:.1f} s, "
                       f"infer {stages['infer']:.1f} s, write {stages['write']:.1f} s")
+    if result.decode_bound:
+        console.print("[yellow]decode-bound:[/] the model waited longer for PNG decoding than "
+                      "it computed; build the pixel cache first (`cxrembed cache DATA --out "
+                      "pixels.h5`) and pass `--pixel-cache pixels.h5`", highlight=False)
     health = result.embedding_health
     if health and health.get("mean_cosine") is not None:
         style = "bold red" if health["collapsed"] else "dim"

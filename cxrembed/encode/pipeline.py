@@ -47,6 +47,9 @@ class EncodeResult:
     stage_seconds: dict = field(default_factory=dict)  # read / infer / write totals
     embedding_health: dict | None = None  # the store's ``embedding_health`` attribute
     skipped: list = field(default_factory=list)  # [{"image_id", "reason"}]
+    #: read from PNGs and waited longer for decoded images than the model computed: a
+    #: pixel cache (``cxrembed cache``) would feed the model faster
+    decode_bound: bool = False
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -252,9 +255,20 @@ def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: P
     if skipped:
         log.warning("%d unreadable image(s) left out of %s (first: %s: %s)", len(skipped),
                     out, skipped[0]["image_id"], skipped[0]["reason"])
+    bound = decode_bound(source, stages)
+    if bound:
+        log.info("decode-bound: waited %.1f s for PNG decoding, %.1f s in the model; a pixel "
+                 "cache (cxrembed cache) removes the decoding", stages.read, stages.infer)
     built = _build_index(out, index, progress)
     return EncodeResult(out, built, n - len(skipped), encoded, start, seconds,
-                        encoded / max(seconds, 1e-9), stages.to_dict(), health, skipped)
+                        encoded / max(seconds, 1e-9), stages.to_dict(), health, skipped,
+                        decode_bound=bound)
+
+
+def decode_bound(source: Any, stages: Any) -> bool:
+    """True when images came from PNGs (no pixel cache) and the run waited longer for them
+    than the model took: decoding, not the model, set the pace."""
+    return getattr(source, "cache", None) is None and stages.read > stages.infer
 
 
 def _health(writer: Any) -> dict:

@@ -30,13 +30,14 @@ from cxrembed.fewshot.data import EvalData, as_eval_data, store_text
 from cxrembed.fewshot.protocols import EvalResult, evaluate_adapted_head, evaluate_zeroshot
 from cxrembed.fewshot.results import (RESULT_FORMAT, FewShotResult, load_result,
                                       plot_fewshot, write_runs_csv, write_summary_csv)
-from cxrembed.fewshot.sampling import sample_shots, seeded_rng, shot_orders, take_shots
-from cxrembed.fewshot.sweep import run_fewshot, single_thread
+from cxrembed.fewshot.sampling import (check_shots, class_supply, describe_shortfall,
+                                       sample_shots, seeded_rng, shot_orders, take_shots)
+from cxrembed.fewshot.sweep import run_fewshot
 
 __all__ = [
     "CI_METHODS", "EvalData", "EvalResult", "FewShotConfig", "FewShotResult",
-    "RESULT_FORMAT", "TEXT_HEADS", "TRAINING_FREE", "as_eval_data", "evaluate_adapted_head",
-    "evaluate_zeroshot", "load_result", "plot_fewshot", "run_fewshot", "sample_shots",
-    "seeded_rng", "shot_orders", "single_thread", "store_text", "take_shots",
+    "RESULT_FORMAT", "TEXT_HEADS", "TRAINING_FREE", "as_eval_data", "check_shots",
+    "class_supply", "describe_shortfall", "evaluate_adapted_head", "evaluate_zeroshot", "load_result", "plot_fewshot", "run_fewshot", "sample_shots",
+    "seeded_rng", "shot_orders", "store_text", "take_shots",
     "write_runs_csv", "write_summary_csv",
 ]

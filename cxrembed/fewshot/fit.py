@@ -32,10 +32,6 @@ OOD_K = 5
 OOD_MAX_ROWS = 2000  # val rows used for the reference percentile (a seeded sample)
 
 
-def _unit(raw: np.ndarray) -> np.ndarray:
-    return raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-12)
-
-
 def _fit_trained(kind: str, data: Any, config: FewShotConfig, shots: int | None, seed: int,
                  rows_train: np.ndarray, rows_val: np.ndarray) -> Any:
     """The sweep's head for (shots, seed), fitted as the sweep fits it."""
@@ -83,6 +79,7 @@ def _make_head(kind: str, data: Any, config: FewShotConfig, shots: int | None, s
 def ood_reference(store: Any, vectors_val: np.ndarray, k: int = OOD_K, seed: int = 0
                   ) -> dict[str, Any]:
     """1st percentile of val images' mean cosine similarity to their k nearest train images."""
+    from cxrembed.heads.base import unit_rows
     from cxrembed.search import search_vectors
 
     n_train = int((store.split == "train").sum())
@@ -91,7 +88,7 @@ def ood_reference(store: Any, vectors_val: np.ndarray, k: int = OOD_K, seed: int
     rng = np.random.default_rng(seed)
     pick = (np.sort(rng.choice(len(vectors_val), OOD_MAX_ROWS, replace=False))
             if len(vectors_val) > OOD_MAX_ROWS else np.arange(len(vectors_val)))
-    sims, _ = search_vectors(store, _unit(vectors_val[pick]).astype(np.float32), k,
+    sims, _ = search_vectors(store, unit_rows(vectors_val[pick]), k,
                              split="train")
     mean_sim = sims.mean(axis=1)
     return {"k": k, "val_p01": float(np.percentile(mean_sim, 1)), "n_val": int(len(pick)),

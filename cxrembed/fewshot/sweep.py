@@ -9,9 +9,11 @@ the test vectors. Test labels are touched only by the scorer, in a second thread
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -21,10 +23,13 @@ from cxrembed.errors import ConfigError, DataError
 from cxrembed.fewshot.config import TEXT_HEADS, TRAINING_FREE, FewShotConfig
 from cxrembed.fewshot.data import EvalData, as_eval_data
 from cxrembed.fewshot.results import FewShotResult, eval_set, json_number, per_class_dict
-from cxrembed.fewshot.sampling import seeded_rng, shot_orders, take_shots
-from cxrembed.heads.base import single_thread
+from cxrembed.fewshot.sampling import (check_shots, class_supply, describe_shortfall,
+                                       sample_shots, seeded_rng)
+from cxrembed.heads.base import single_thread, torch_device
 from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percentile_interval,
                               replicate_aucs, resample_patients)
+
+log = logging.getLogger(__name__)
 
 
 class _Scorer:
@@ -42,6 +47,7 @@ class _Scorer:
         self.seeds = config.seeds
         self.weights = (resample_patients(int(self.index.max()) + 1, config.bootstrap,
                                           config.seed) if self.method != "none" else None)
+        self.device = None if config.device == "cpu" else config.device
 
     def score(self, scores: np.ndarray, seed_slot: int | None
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -53,7 +59,8 @@ class _Scorer:
         w = self.weights
         if seed_slot is not None and self.method == "pooled":
             w = self.weights[:, seed_slot::self.seeds]
-        return replicate_aucs(self.labels, scores, self.index, w, known=self.known)
+        return replicate_aucs(self.labels, scores, self.index, w, known=self.known,
+                              device=self.device)
 
     def summarise(self, points: list[np.ndarray], reps: list[np.ndarray | None],
                   training_free: bool) -> dict[str, Any]:
@@ -100,6 +107,8 @@ def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
         kwargs["text"] = data.text
     if name == "mlp" and init_state is not None:
         kwargs["init_state"] = init_state
+    if name == "mlp":
+        kwargs.setdefault("device", config.device)
     return kwargs
 
 
@@ -113,14 +122,21 @@ def sweep_head(name: str, config: FewShotConfig, data: EvalData, shots: int, see
     return make_head(name, **_head_kwargs(name, config, data, head_seed, init_state))
 
 
-def draw_sample(data: EvalData, config: FewShotConfig, shots: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the sweep's draw ``seed`` at ``shots``: train shots and the val sample."""
-    orders = [shot_orders(data.labels, data.rows(split), seeded_rng(config.seed, seed, stream),
-                          config.no_finding, data.known)
-              for split, stream in (("train", 0), ("val", 1))]
-    rows_val = take_shots(orders[1], shots) if len(data.rows("val")) else np.zeros(0, np.int64)
-    return take_shots(orders[0], shots), rows_val
+def draw_sample(data: EvalData, config: FewShotConfig, shots: int | Sequence[int], seed: int
+                ) -> tuple[Any, Any]:
+    """Rows of the sweep's draw ``seed`` at ``shots``: train shots and the val sample, as
+    :func:`~cxrembed.fewshot.sampling.sample_shots` draws them. A sequence of shot counts
+    gives a list of each (nested samples, one draw)."""
+    train = sample_shots(data.labels, data.split, shots, seed, split_name="train",
+                         no_finding=config.no_finding, base_seed=config.seed, known=data.known)
+    if len(data.rows("val")):
+        val = sample_shots(data.labels, data.split, shots, seed, split_name="val",
+                           no_finding=config.no_finding, base_seed=config.seed,
+                           known=data.known)
+    else:
+        val = (np.zeros(0, np.int64) if isinstance(shots, (int, np.integer))
+               else [np.zeros(0, np.int64)] * len(shots))
+    return train, val
 
 
 def run_fewshot(source: Any, config: FewShotConfig | None = None, *,
@@ -163,12 +179,22 @@ class _Sweep:
     def __init__(self, data: EvalData, config: FewShotConfig, keep_scores: bool) -> None:
         if any(h in TEXT_HEADS for h in config.heads) and data.text is None:
             raise ConfigError("heads zeroshot and tip need prompt embeddings (EvalData.text)")
+        if config.device != "cpu":
+            torch_device(config.device)  # refused now, before any work, if absent
         self.data, self.config = data, config
         self.test = data.rows(config.test_split)
         self.train, self.val = data.rows("train"), data.rows("val")
         if not len(self.test) or not len(self.train):
             raise DataError(f"the sweep needs train and {config.test_split} rows; found "
                             f"{len(self.train)} train, {len(self.test)} {config.test_split}")
+        supply = {split: class_supply(data.labels, data.split, split, config.no_finding,
+                                      data.label_names, data.known)
+                  for split in ("train", "val")}
+        self.shortfall = check_shots(config.shots, supply["train"])
+        if len(self.val):
+            self.shortfall += check_shots(config.shots, supply["val"], "val", refuse=False)
+        for line in describe_shortfall(self.shortfall):  # also in the result and the CLI
+            log.info("%s", line)
         self.x_test_raw, self.x_test_unit = data.vectors(self.test)
         self.scorer = _Scorer(data.labels[self.test].astype(np.uint8),
                               data.patient_id[self.test], config, data.known[self.test],
@@ -233,13 +259,15 @@ class _Sweep:
         config, data = self.config, self.data
         if "mlp" in self.trained:
             import torch  # noqa: F401  (loaded now so single_thread() can pin its threads)
+        draws_per_seed = [draw_sample(data, config, config.shots, seed)
+                          for seed in range(config.seeds)]
         total = len(config.shots) * config.seeds * len(self.trained)
         with progress_bar(total, "few-shot sweep", enabled=progress and total > 0,
                           unit="fit") as advance:
-            for shots in config.shots:
+            for k, shots in enumerate(config.shots):
                 draws = []
-                for seed in range(config.seeds):
-                    rows_train, rows_val = draw_sample(data, config, shots, seed)
+                for seed, (train_samples, val_samples) in enumerate(draws_per_seed):
+                    rows_train, rows_val = train_samples[k], val_samples[k]
                     self.samples.append(_sample_record(data, shots, seed, rows_train,
                                                        rows_val))
                     draws.append(_Draw(data, seed, rows_train, rows_val))
@@ -269,11 +297,22 @@ class _Sweep:
                     t0 = time.perf_counter()
                     head.fit(*draw.fit_args(raw), known=draw.known)
                     fit_seconds.append(time.perf_counter() - t0)
-            for head, draw, seconds in zip(heads, draws, fit_seconds):
-                t0 = time.perf_counter()
-                scores = head.predict(self.x_test_raw if raw else self.x_test_unit)
-                self.record(name, shots, draw.seed, scores, seconds + time.perf_counter() - t0,
-                            head.selected, len(draw.rows_train), len(draw.rows_val))
+            x_test = self.x_test_raw if raw else self.x_test_unit
+            predict_many = getattr(HEADS[name], "predict_many", None)
+            t0 = time.perf_counter()
+            if predict_many is not None:  # every seed's head in one pass
+                all_scores = predict_many(heads, x_test)
+                predict_seconds = [(time.perf_counter() - t0) / len(heads)] * len(heads)
+            else:
+                all_scores, predict_seconds = [], []
+                for head in heads:
+                    all_scores.append(head.predict(x_test))
+                    predict_seconds.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+            for head, draw, scores, fit_s, predict_s in zip(heads, draws, all_scores,
+                                                             fit_seconds, predict_seconds):
+                self.record(name, shots, draw.seed, scores, fit_s + predict_s, head.selected,
+                            len(draw.rows_train), len(draw.rows_val))
 
     def result(self, started: float) -> FewShotResult:
         """Wait for the scoring thread, then summarise every (head, shots) cell."""
@@ -302,6 +341,7 @@ class _Sweep:
                   "eval_set": eval_set(config.test_split, self.data.image_id, self.test),
                   "n_test_patients": int(self.scorer.index.max()) + 1,
                   "n_train": int(len(self.train)), "n_val": int(len(self.val)),
+                  "shortfall": self.shortfall,
                   "ci": {"method": self.scorer.method, "n_resamples": config.bootstrap,
                          "level": config.level, "unit": "patient", "seed": config.seed}}
         return FewShotResult(config=config, runs=self.runs, summary=summary,

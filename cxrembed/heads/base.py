@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -118,11 +117,23 @@ def check_known(known: Any, Y: np.ndarray) -> np.ndarray | None:
 
 def val_mean_auc(Y_val: np.ndarray, scores: np.ndarray) -> float:
     """Mean AUC over the classes the val sample can score (quiet; NaN if none)."""
-    from cxrembed.metrics import mean_auc, per_class_auc
+    return float(val_mean_aucs(Y_val, [scores])[0])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return mean_auc(per_class_auc(Y_val, scores, warn=False), warn=False)
+
+def val_mean_aucs(Y_val: np.ndarray, candidates: list[np.ndarray]) -> np.ndarray:
+    """:func:`val_mean_auc` of each candidate score matrix, all in one vectorised pass
+    (the heads' choices of C, alpha/beta and epoch score tens of candidates)."""
+    from cxrembed.metrics import weighted_aucs
+
+    Y_val = np.asarray(Y_val).astype(bool)
+    n, n_classes = Y_val.shape
+    scores = np.concatenate([np.asarray(c, dtype=np.float64) for c in candidates], axis=1)
+    auc = weighted_aucs(np.tile(Y_val, (1, len(candidates))), scores, np.arange(n),
+                        np.ones((n, 1), np.float32))[0].reshape(len(candidates), n_classes)
+    defined = ~np.isnan(auc)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined.any(axis=1), np.nansum(auc, axis=1) / defined.sum(axis=1),
+                        np.nan)
 
 
 def has_val(X_val: Any, Y_val: Any) -> bool:
@@ -140,12 +151,39 @@ def inverse_norms(X: np.ndarray) -> np.ndarray:
     return (1.0 / np.sqrt(np.where(sq > 0, sq, 1.0))).astype(np.float32)[:, None]
 
 
+def unit_rows(X: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """Rows scaled to unit length, C-contiguous ``dtype``; rows of zeros stay zero. Input
+    whose rows are already unit (within 1e-4) is returned as is when its dtype matches
+    (no copy): the sweep hands heads unit vectors."""
+    X = np.asarray(X)
+    sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    if X.dtype == dtype and np.all(np.abs(sq - 1.0) < 2e-4):
+        return np.ascontiguousarray(X)
+    scale = 1.0 / np.sqrt(np.where(sq > 0, sq, 1.0))
+    return np.ascontiguousarray(X * scale[:, None].astype(dtype), dtype=dtype)
+
+
 def cosine(X: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """Cosine similarity ``(n, k)`` float32 of rows of ``X`` (any norm) with unit vectors
     ``(k, D)``; normalises the small result, not the large input."""
     out = X @ np.asarray(unit, dtype=np.float32).T
     out *= inverse_norms(X)
     return out
+
+
+def torch_device(name: str) -> Any:
+    """A torch device by name, refusing CUDA where torch sees none (never a silent CPU
+    run in place of the GPU asked for)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU (torch "
+                          f"{torch.__version__}); use device 'cpu'")
+    return device
 
 
 @contextlib.contextmanager

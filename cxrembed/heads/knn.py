@@ -15,8 +15,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.heads.base import (build_config, check_known, check_xy, inverse_norms,
-                                 register_head)
+from cxrembed.heads.base import build_config, check_known, check_xy, register_head, unit_rows
 
 
 @dataclass
@@ -24,13 +23,6 @@ class KNNConfig:
     k: int = 10  # neighbours per query (all shots when fewer)
     temperature: float = 0.05  # softmax temperature on cosine similarity
 
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    """Unit rows, float32; already-unit input is returned as is (no copy)."""
-    scale = inverse_norms(X)
-    if np.all(np.abs(scale - 1.0) < 1e-4):
-        return np.ascontiguousarray(X, dtype=np.float32)
-    return np.ascontiguousarray(X * scale, dtype=np.float32)
 
 
 def weighted_vote(similarity: np.ndarray, neighbours: np.ndarray, labels: np.ndarray,
@@ -70,7 +62,7 @@ class KNNHead:
         except ImportError:  # pragma: no cover - faiss-cpu is a dependency
             raise ConfigError("the knn head needs faiss: pip install faiss-cpu") from None
         X, Y = check_xy(X, Y)
-        keys = _unit(X)
+        keys = unit_rows(X)
         self._index = faiss.IndexFlatIP(keys.shape[1])
         self._index.add(keys)
         self._labels = Y
@@ -83,7 +75,7 @@ class KNNHead:
         if self._index is None:
             raise ConfigError("knn head: call fit before predict")
         X, _ = check_xy(X)
-        query = _unit(X)
+        query = unit_rows(X)
         return self._index.search(query, self.selected["k"])
 
     def predict(self, X: Any) -> np.ndarray:

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError
-from cxrembed.heads.base import (build_config, check_known, check_xy, has_val, inverse_norms,
-                                 register_head, single_thread, val_mean_auc)
+from cxrembed.heads.base import (build_config, check_known, check_xy, has_val,
+                                 inverse_norms, register_head, single_thread, unit_rows,
+                                 val_mean_aucs)
 
 
 @dataclass
@@ -31,10 +32,6 @@ class LinearConfig:
     max_iter: int = 1000
     tol: float = 1e-6  # L-BFGS projected-gradient tolerance on the scaled objective
 
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    X = X.astype(np.float64)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
 
 
 def _lbfgs_columns(fg, theta: np.ndarray, max_iter: int, tol: float, memory: int = 10
@@ -150,7 +147,7 @@ class LinearHead:
 
     def _fit(self, X: Any, Y: Any, X_val: Any, Y_val: Any, known: Any = None) -> "LinearHead":
         X, Y = check_xy(X, Y)
-        X = _unit(X)
+        X = unit_rows(X, np.float64)
         mask = check_known(known, Y)
         n_classes = Y.shape[1]
         sure = np.ones(Y.shape, dtype=bool) if mask is None else mask
@@ -175,10 +172,10 @@ class LinearHead:
         best_j, best_auc = 0, None
         if use_val:
             X_val, Y_val = check_xy(X_val, Y_val, "X_val")
-            X_val = _unit(X_val)
-            for j in range(len(Cs)):
-                coef, intercept = head_for(j)
-                auc = val_mean_auc(Y_val, X_val @ coef + intercept)
+            X_val = unit_rows(X_val, np.float64)
+            aucs = val_mean_aucs(Y_val, [X_val @ coef + intercept
+                                         for coef, intercept in map(head_for, range(len(Cs)))])
+            for j, auc in enumerate(aucs):
                 if not np.isnan(auc) and (best_auc is None or auc > best_auc):
                     best_j, best_auc = j, auc
         self.coef_, self.intercept_ = head_for(best_j)

@@ -13,10 +13,14 @@ with the best mean AUC on the few-shot val sample (a real copy of its weights), 
 patience 5; without a val sample the last epoch is kept.
 
 Speed: :meth:`MLPHead.fit_many` trains several heads (one per few-shot seed) as one
-stacked model (batched matrix products), each member with its own data, initialisation,
-shuffling and dropout stream, its own AdamW state and step count, and its own early stop:
-a member's training does not depend on who it is batched with (up to float rounding of
-batched products). ``fit`` is ``fit_many`` with one member.
+stacked model: one tensor per parameter with the members on its first axis, batched
+matrix products, and torch's AdamW maths applied to the stacked tensors (no per-member
+copies at each step). Each member has its own data, initialisation, shuffling and dropout
+stream, its own AdamW state and step count, and its own early stop: a member's training
+does not depend on who it is batched with (up to float rounding of batched products).
+``fit`` is ``fit_many`` with one member; :meth:`MLPHead.predict_many` scores several heads
+in one pass (their first layers as one wide product). ``device="cuda"`` runs both on a GPU
+(random draws stay on the CPU generators, so a seed draws the same shuffles and masks).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError, ModelError
 from cxrembed.heads.base import (build_config, check_known, check_xy, has_val, register_head,
-                                 single_thread, val_mean_auc)
+                                 single_thread, torch_device, val_mean_auc)
 
 
 @dataclass
@@ -41,13 +45,16 @@ class MLPConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     patience: int = 5  # epochs without a better val AUC before a member stops
-    predict_batch: int = 8192  # rows per forward pass at predict time (bounds memory)
+    predict_batch: int = 8192  # rows x heads per forward pass at predict time (bounds memory)
+    device: str = "cpu"  # torch device for training and prediction ("cuda", "cuda:1", ...)
 
 
 class _Stacked:
-    """Members' parameters stacked on a leading axis; the head's layers run functionally."""
+    """Members' parameters stacked on a leading axis (one leaf per parameter); the head's
+    layers run functionally on them with batched matrix products."""
 
-    def __init__(self, modules: list[Any]) -> None:
+    def __init__(self, modules: list[Any], device: Any = "cpu") -> None:
+        import torch
         from torch import nn
 
         first = modules[0]
@@ -60,31 +67,28 @@ class _Stacked:
             if kind not in ("Linear", "LayerNorm", "GELU", "Dropout", "ReLU"):
                 raise ModelError(f"the few-shot trainer does not know layer {kind}")
             self.layers.append((kind, layer, str(index)))
-        # One leaf per member and parameter: members without a batch at a step get no
-        # gradient, so torch's AdamW leaves them alone (no moment, decay or step count).
-        self.leaves = {name: [m.get_parameter(name).detach().clone().requires_grad_(True)
-                              for m in modules]
-                       for name, _ in first.named_parameters()}
-
-    def stacked(self, members: list[int]) -> dict[str, Any]:
-        """The parameters of ``members`` stacked on a leading axis (differentiable)."""
-        import torch
-
-        return {name: torch.stack([leaves[i] for i in members])
-                for name, leaves in self.leaves.items()}
+        with torch.no_grad():
+            self.params = {name: torch.stack([m.get_parameter(name).detach() for m in modules])
+                           .to(device).requires_grad_(True)
+                           for name, _ in first.named_parameters()}
 
     def forward(self, x: Any, dropout: Any = None, params: dict[str, Any] | None = None
                 ) -> Any:
-        """``x`` (S, B, D) -> logits (S, B, C) with ``params`` (default: all members);
-        ``dropout(shape, p)`` gives keep masks (None: eval mode)."""
+        """``x`` (S, B, D), or (B, D) shared by every member -> logits (S, B, C) with
+        ``params`` (default: all members); ``dropout(shape, p)`` gives keep masks (None:
+        eval mode)."""
         import torch
         import torch.nn.functional as F
 
-        p = params
+        p = self.params if params is None else params
         for kind, layer, index in self.layers:
             if kind == "Linear":
-                x = torch.baddbmm(p[f"{index}.bias"].unsqueeze(1), x,
-                                  p[f"{index}.weight"].transpose(1, 2))
+                weight, bias = p[f"{index}.weight"], p[f"{index}.bias"]
+                if x.dim() == 2:  # shared input: one wide product for every member
+                    out = F.linear(x, weight.reshape(-1, weight.shape[-1]), bias.reshape(-1))
+                    x = out.view(len(x), len(weight), -1).transpose(0, 1)
+                else:
+                    x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
             elif kind == "LayerNorm":
                 x = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
                 x = x * p[f"{index}.weight"].unsqueeze(1) + p[f"{index}.bias"].unsqueeze(1)
@@ -96,20 +100,54 @@ class _Stacked:
                 x = x * dropout(x.shape, layer.p)
         return x
 
-    def member_state(self, member: int) -> dict[str, Any]:
-        return {name: leaves[member].detach().clone() for name, leaves in self.leaves.items()}
+    def member(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s parameters (views, (1, ...) each)."""
+        return {name: p[i:i + 1] for name, p in self.params.items()}
+
+    def member_state(self, i: int) -> dict[str, Any]:
+        return {name: p[i].detach().to("cpu", copy=True) for name, p in self.params.items()}
 
 
-def _adamw(params: list[Any], config: MLPConfig) -> Any:
-    """torch's AdamW, its fused CPU kernel where this torch has one (same maths)."""
-    import torch
+class _AdamW:
+    """torch's AdamW (its fused kernel where this torch has one) on stacked parameters,
+    stepping only the members given: each member's slice of each parameter has its own
+    moments and step count, as if it were its own parameter in torch.optim.AdamW (a member
+    without a batch at a step gets no decay, no moment update and no step)."""
 
-    kwargs = dict(lr=config.lr, betas=config.betas, eps=config.eps,
-                  weight_decay=config.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(params, **kwargs)
+    def __init__(self, params: dict[str, Any], config: MLPConfig) -> None:
+        import torch
+
+        self.params, self.config = params, config
+        members = next(iter(params.values())).shape[0]
+        self.exp_avg = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.steps = {n: [torch.zeros((), device=p.device) for _ in range(members)]
+                      for n, p in params.items()}
+        self.fused: bool | None = True
+
+    def step(self, members: list[int]) -> None:
+        import torch
+        from torch.optim.adam import adam  # torch's functional Adam(W)
+
+        lists: tuple[list, ...] = ([], [], [], [], [])
+        for name, param in self.params.items():
+            p, g = param.detach(), param.grad
+            for i in members:  # views: the kernel updates the stacked tensors in place
+                for out, t in zip(lists, (p[i], g[i], self.exp_avg[name][i],
+                                          self.exp_avg_sq[name][i], self.steps[name][i])):
+                    out.append(t)
+        c = self.config
+        kwargs = dict(amsgrad=False, beta1=c.betas[0], beta2=c.betas[1], lr=c.lr,
+                      weight_decay=c.weight_decay, eps=c.eps, maximize=False,
+                      decoupled_weight_decay=True)
+        with torch.no_grad():
+            if self.fused:
+                try:
+                    adam(*lists[:4], [], lists[4], fused=True, **kwargs)
+                    return
+                except (RuntimeError, TypeError, ValueError):  # no fused kernel here
+                    self.fused = False
+            adam(*lists[:4], [], lists[4], foreach=True, **kwargs)
 
 
 @register_head("mlp")
@@ -166,22 +204,26 @@ class MLPHead:
         config = heads[0].config
         if any(h.config != config for h in heads):
             raise ConfigError("fit_many trains heads of one configuration only")
+        device = torch_device(config.device)
         members = []
         for head, (X, Y, X_val, Y_val, *known) in zip(heads, data):
             X, Y = check_xy(X, Y)
             mask = check_known(known[0] if known else None, Y)
             val = None
             if has_val(X_val, Y_val):
-                val = check_xy(X_val, Y_val, "X_val")
-            members.append((torch.from_numpy(X), torch.from_numpy(Y.astype(np.float32)), val,
-                            None if mask is None else torch.from_numpy(mask.astype(np.float32))))
+                X_val, Y_val = check_xy(X_val, Y_val, "X_val")
+                val = (torch.from_numpy(X_val).to(device), Y_val)
+            members.append((torch.from_numpy(X).to(device),
+                            torch.from_numpy(Y.astype(np.float32)).to(device), val,
+                            None if mask is None
+                            else torch.from_numpy(mask.astype(np.float32)).to(device)))
         dims = {m[0].shape[1] for m in members}
         if len(dims) != 1:
             raise ConfigError(f"fit_many: heads see vectors of different sizes {sorted(dims)}")
         in_dim = dims.pop()
         classes = int(members[0][1].shape[1])
         with single_thread():  # a stream of tiny products: extra threads only cost here
-            stack = _Stacked([h._build(in_dim, classes) for h in heads])
+            stack = _Stacked([h._build(in_dim, classes) for h in heads], device)
             trainer = _Trainer(stack, members, [h.seed for h in heads], config)
             trainer.run()
         for i, head in enumerate(heads):
@@ -194,29 +236,41 @@ class MLPHead:
 
     def predict(self, X: Any) -> np.ndarray:
         """``(n, 14)`` logits."""
+        return self.predict_many([self], X)[0]
+
+    @classmethod
+    def predict_many(cls, heads: list["MLPHead"], X: Any) -> list[np.ndarray]:
+        """Every head's ``(n, 14)`` logits on the same ``X``, in one stacked pass: the first
+        layer of every head is one wide matrix product."""
         import torch
 
-        if self.module is None:
+        if any(h.module is None for h in heads):
             raise ConfigError("mlp head: call fit before predict")
         X, _ = check_xy(X)
+        config = heads[0].config
+        device = torch_device(config.device)
+        stack = _Stacked([h.module for h in heads], device)
+        rows = max(1, config.predict_batch // len(heads))  # bounds the (S, rows, 512) memory
+        out = np.empty((len(heads), len(X), heads[0].module[-1].out_features))
         with torch.no_grad():
-            parts = [self.module(torch.from_numpy(X[start:start + self.config.predict_batch]))
-                     .double().numpy()
-                     for start in range(0, len(X), self.config.predict_batch)]
-        return np.concatenate(parts)
+            for start in range(0, len(X), rows):
+                x = torch.from_numpy(X[start:start + rows]).to(device)
+                out[:, start:start + len(x)] = stack.forward(x).double().cpu().numpy()
+        return list(out)
 
 
 class _Trainer:
     """The epoch loop of :meth:`MLPHead.fit_many`: per-member batches, dropout streams,
-    val checks and early stops."""
+    val checks and early stops. Random draws (shuffles, dropout masks) come from each
+    member's own CPU generator, so a member's run does not depend on its batch-mates or
+    on the device."""
 
     def __init__(self, stack: _Stacked, members: list, seeds: list[int], config: MLPConfig):
         import torch
 
         self.stack, self.members, self.config = stack, members, config
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.optimiser = _adamw([leaf for leaves in stack.leaves.values() for leaf in leaves],
-                                config)
+        self.optimiser = _AdamW(stack.params, config)
         n = len(members)
         self.training = [True] * n
         self.best_auc: list[float | None] = [None] * n
@@ -243,38 +297,43 @@ class _Trainer:
         orders = {i: torch.randperm(len(self.members[i][0]), generator=self.generators[i])
                   for i in active}
         steps = max(math.ceil(len(orders[i]) / size) for i in active)
+        n_members = len(self.members)
         dim = self.members[0][0].shape[1]
         classes = self.members[0][1].shape[1]
+        device = self.members[0][0].device
         for step in range(steps):
             rows = {i: orders[i][step * size:(step + 1) * size] for i in active}
-            rows = {i: r for i, r in rows.items() if len(r)}
+            rows = {i: r.to(device) for i, r in rows.items() if len(r)}
             stepping = list(rows)  # members with a batch at this step
             width = max(len(r) for r in rows.values())
-            x = torch.zeros(len(stepping), width, dim)
-            y = torch.zeros(len(stepping), width, classes)
-            weight = torch.zeros(len(stepping), width, classes)
-            for j, i in enumerate(stepping):
+            # Every member runs (their parameters are one tensor each); those without a
+            # batch get zero rows and zero loss weight, hence zero gradient, and no step.
+            x = torch.zeros(n_members, width, dim, device=device)
+            y = torch.zeros(n_members, width, classes, device=device)
+            weight = torch.zeros(n_members, width, classes, device=device)
+            for i in stepping:
                 r = rows[i]
-                x[j, :len(r)] = self.members[i][0][r]
-                y[j, :len(r)] = self.members[i][1][r]
-                weight[j, :len(r)] = 1.0 / (len(r) * classes)  # BCE mean over its own batch
+                x[i, :len(r)] = self.members[i][0][r]
+                y[i, :len(r)] = self.members[i][1][r]
+                weight[i, :len(r)] = 1.0 / (len(r) * classes)  # BCE mean over its own batch
                 if self.members[i][3] is not None:  # unknown labels: out of the loss
-                    weight[j, :len(r)] *= self.members[i][3][r]
+                    weight[i, :len(r)] *= self.members[i][3][r]
 
             def dropout(shape: tuple, p: float) -> Any:
-                keep = torch.ones(shape)
-                for j, i in enumerate(stepping):  # each member draws from its own stream
+                keep = torch.ones(shape[0], shape[1], shape[2])
+                for i in stepping:  # each member draws from its own stream
                     r = len(rows[i])
-                    keep[j, :r] = (torch.rand(r, shape[2], generator=self.generators[i])
+                    keep[i, :r] = (torch.rand(r, shape[2], generator=self.generators[i])
                                    >= p) / (1 - p)
-                return keep
+                return keep.to(device)
 
-            logits = self.stack.forward(x, dropout, self.stack.stacked(stepping))
+            logits = self.stack.forward(x, dropout)
             loss = (F.binary_cross_entropy_with_logits(logits, y, reduction="none")
                     * weight).sum()
-            self.optimiser.zero_grad(set_to_none=True)
+            for param in self.stack.params.values():
+                param.grad = None
             loss.backward()
-            self.optimiser.step()
+            self.optimiser.step(stepping)
 
     def _validate(self, active: list[int], epoch: int) -> None:
         import torch
@@ -285,9 +344,8 @@ class _Trainer:
                 if val is None:
                     continue
                 X_val, Y_val = val
-                logits = self.stack.forward(torch.from_numpy(X_val).unsqueeze(0), None,
-                                            self.stack.stacked([i]))
-                auc = val_mean_auc(Y_val, logits[0].double().numpy())
+                logits = self.stack.forward(X_val.unsqueeze(0), None, self.stack.member(i))
+                auc = val_mean_auc(Y_val, logits[0].double().cpu().numpy())
                 if not np.isnan(auc) and (self.best_auc[i] is None or auc > self.best_auc[i]):
                     self.best_auc[i], self.best_epoch[i], self.stale[i] = auc, epoch, 0
                     self.best_state[i] = self.stack.member_state(i)

@@ -21,8 +21,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError
 from cxrembed.heads.base import (build_config, check_known, check_xy, cosine, has_val,
-                                 register_head,
-                                 single_thread, val_mean_auc)
+                                 register_head, single_thread, unit_rows, val_mean_aucs)
 from cxrembed.heads.zeroshot import CLIP_LOGIT_SCALE, TextEmbeddings, ZeroShotHead
 
 
@@ -34,9 +33,6 @@ class TipConfig:
     default_beta: float = 1.0
     logit_scale: float = CLIP_LOGIT_SCALE
 
-
-def _unit(X: np.ndarray) -> np.ndarray:
-    return (X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 @register_head("tip")
@@ -71,7 +67,7 @@ class TipAdapterHead:
         """Build the cache from the shots; pick alpha and beta on the val pair. An unknown
         label (``known`` False) has value 0 in the cache: neither for nor against."""
         X, Y = check_xy(X, Y)
-        self._keys = _unit(X)
+        self._keys = unit_rows(X)
         self._values = 2.0 * Y.astype(np.float32) - 1.0
         mask = check_known(known, Y)
         if mask is not None:
@@ -81,12 +77,12 @@ class TipAdapterHead:
             X_val, Y_val = check_xy(X_val, Y_val, "X_val")
             with single_thread():  # small products: one BLAS thread is faster
                 text = self.zeroshot.logits(X_val)
-                for b in self.config.betas:
-                    cache = self._cache(X_val, b)
-                    for a in self.config.alphas:
-                        auc = val_mean_auc(Y_val, text + a * cache)
-                        if not np.isnan(auc) and (best is None or auc > best):  # first wins
-                            alpha, beta, best, by = a, b, auc, "val"
+                grid = [(a, b) for b in self.config.betas for a in self.config.alphas]
+                caches = {b: self._cache(X_val, b) for b in self.config.betas}
+                aucs = val_mean_aucs(Y_val, [text + a * caches[b] for a, b in grid])
+            for (a, b), auc in zip(grid, aucs):
+                if not np.isnan(auc) and (best is None or auc > best):  # first wins
+                    alpha, beta, best, by = a, b, float(auc), "val"
         self.selected = {"alpha": alpha, "beta": beta, "by": by,
                          "val_mean_auc": None if best is None else float(best)}
         return self
