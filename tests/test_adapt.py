@@ -45,7 +45,8 @@ def count_test_evaluations(monkeypatch) -> list[str]:
         calls.append(args[4] if len(args) > 4 else kwargs["split"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("cxrembed.adapt.evaluate_split", counting)
+    for module in ("cxrembed.adapt.loop", "cxrembed.adapt.run"):
+        monkeypatch.setattr(f"{module}.evaluate_split", counting)
     return calls
 
 
@@ -60,7 +61,7 @@ def test_val_auc_rises_well_above_chance(tmp_path):
     from cxrembed.data.nih import load_nih
     from cxrembed.data.synth import make_twin
     from cxrembed.data.cache import ImageSource
-    from cxrembed.model import AdaptedCLIP, MLPHead, create_clip
+    from cxrembed.model import AdaptedCLIP, DiagnosisHead, create_clip
 
     dataset = load_nih(make_twin(tmp_path / "nih", images=1000, size=64, seed=0, workers=1),
                        val_fraction=0.2)
@@ -68,7 +69,7 @@ def test_val_auc_rises_well_above_chance(tmp_path):
     # The untrained model (same seeded init) is the baseline the run must rise above.
     clip, _ = create_clip("cxr-tiny", "none")
     torch.manual_seed(config.seed)
-    untrained = AdaptedCLIP(clip, MLPHead(), config.unfreeze)
+    untrained = AdaptedCLIP(clip, DiagnosisHead(), config.unfreeze)
     val = dataset.split_rows("val")
     scores = evaluate_split(untrained, ImageSource(dataset), dataset.labels, val, "val", config,
                             torch.device("cpu"))
@@ -257,12 +258,12 @@ def test_vit_b32_runs_a_train_step_through_adapt(small, tmp_path):
         steps.append((epoch, step))
         raise TrainingInterrupted
 
-    started = {}
+    started = []
     with pytest.raises(TrainingInterrupted):
         adapt(small, tmp_path / "run", AdaptConfig(pretrained="none", workers=0, batch_size=4),
-              progress=False, on_step=stop, on_start=started.update)
-    assert steps == [(1, 1)] and started["trainable_params"] == 22_057_486
-    assert started["weights"] == "random init (no pretrained weights)"  # not "none none"
+              progress=False, on_step=stop, on_start=started.append)
+    assert steps == [(1, 1)] and started[0].trainable_params == 22_057_486
+    assert started[0].weights == "random init (no pretrained weights)"  # not "none none"
 
 
 @pytest.mark.slow
