@@ -127,19 +127,65 @@ class DemoResult:
 
 
 class _Steps:
-    """Times each step and records the CLI command that does the same thing."""
+    """Times each step and records the CLI command that does the same thing.
 
-    def __init__(self, announce: Callable[[str], None] | None) -> None:
+    A step whose output a previous run of the demo left complete is *reused*: it takes no
+    time now, so its record says so (``reused``) and keeps the time it took when it ran
+    (``original_seconds``, when the previous summary.json has it).
+    """
+
+    def __init__(self, announce: Callable[[str], None] | None,
+                 previous: dict[str, float] | None = None) -> None:
         self.records: list[dict[str, Any]] = []
         self.announce = announce or (lambda _msg: None)
+        self.previous = previous or {}
 
-    def run(self, name: str, command: str, fn: Callable[[], Any]) -> Any:
-        self.announce(f"[{len(self.records) + 1}] {name}: {command}")
+    def run(self, name: str, command: str, fn: Callable[[], Any], reused: bool = False) -> Any:
+        self.announce(f"[{len(self.records) + 1}] {name}: {command}"
+                      + (" (reusing the previous run's output)" if reused else ""))
         start = time.perf_counter()
         value = fn()
-        self.records.append({"name": name, "command": command,
-                             "seconds": round(time.perf_counter() - start, 2)})
+        record = {"name": name, "command": command,
+                  "seconds": round(time.perf_counter() - start, 2), "reused": reused}
+        if reused:
+            record["original_seconds"] = self.previous.get(name)
+        self.records.append(record)
         return value
+
+
+def format_step_time(step: dict[str, Any]) -> str:
+    """``12.3 s``, or for a reused step ``reused (12.3 s when run)`` / ``reused``."""
+    if not step.get("reused"):
+        return f"{step['seconds']:.1f} s"
+    original = step.get("original_seconds")
+    return "reused" if original is None else f"reused ({original:.1f} s when run)"
+
+
+def _previous_step_times(out: Path) -> dict[str, float]:
+    """Step name -> seconds it took when it last really ran, from a previous summary.json."""
+    try:
+        steps = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("steps", [])
+    except (OSError, ValueError):
+        return {}
+    times = {}
+    for step in steps:
+        seconds = step.get("original_seconds") if step.get("reused") else step.get("seconds")
+        if isinstance(seconds, (int, float)):
+            times[step["name"]] = seconds
+    return times
+
+
+def _complete_h5(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file (pixel cache or store) marked complete."""
+    if not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:
+        return False
 
 
 def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None = None, *,
@@ -160,7 +206,7 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = str(resolve_device(config.device))
-    steps = _Steps(announce)
+    steps = _Steps(announce, _previous_step_times(out))
     started = time.perf_counter()
 
     # 1. data
@@ -181,7 +227,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     data_args = f"{data} {given}" if given else str(data)
     pixels = out / "pixels.h5"
     steps.run("pixel cache", f"cxrembed cache {data_args} --out {pixels}",
-              lambda: build_pixel_cache(dataset, pixels, progress=progress))
+              lambda: build_pixel_cache(dataset, pixels, progress=progress),
+              reused=_complete_h5(pixels))
 
     # 2. adaptation (resumes a finished or interrupted run in place)
     overrides = config.adapt_overrides(device)
@@ -194,7 +241,10 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     result = steps.run("domain adaptation", f"cxrembed adapt {data_args} --out {run_dir} "
                        f"--pixel-cache {pixels} {flags}",
                        lambda: adapt(dataset, run_dir, adapt_config, pixel_cache=pixels,
-                                     resume=run_dir.exists(), device=device, progress=progress))
+                                     resume=run_dir.exists(), device=device, progress=progress),
+                       reused=(run_dir / "summary.json").is_file())
+    if result.stop_reason:
+        steps.announce(f"    adaptation {result.stop_reason}")
 
     # 3. encode twice: the frozen encoder and the adapted one
     stores = {"frozen": out / "store-frozen.h5", "adapted": out / "store-adapted.h5"}
@@ -202,12 +252,14 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     steps.run("encode (frozen CLIP)", f"cxrembed encode {data_args} --out {stores['frozen']} "
               f"--model {config.model} --pretrained {config.pretrained} --pixel-cache {pixels}",
               lambda: encode_dataset(dataset, stores["frozen"], frozen, pixel_cache=pixels,
-                                     resume=True, progress=progress))
+                                     resume=True, progress=progress),
+              reused=_complete_h5(stores["frozen"]))
     adapted = load_encoder(checkpoint=run_dir, device=device)
     steps.run("encode (adapted)", f"cxrembed encode {data_args} --out {stores['adapted']} "
               f"--checkpoint {run_dir} --pixel-cache {pixels}",
               lambda: encode_dataset(dataset, stores["adapted"], adapted, pixel_cache=pixels,
-                                     resume=True, progress=progress))
+                                     resume=True, progress=progress),
+              reused=_complete_h5(stores["adapted"]))
 
     # 4. protocols on cached vectors
     evals = {

@@ -122,3 +122,41 @@ def test_demo_refuses_a_data_folder_that_is_not_there(tmp_path):
 
     with pytest.raises(ConfigError, match="--data"):
         check_config(DemoConfig(data=str(tmp_path / "nope")))
+
+
+def test_reused_steps_say_so_with_the_time_they_took(tmp_path):
+    from cxrembed.demo import _previous_step_times, _Steps, format_step_time
+
+    first = _Steps(None)
+    first.run("pixel cache", "cxrembed cache", lambda: None)
+    first.records[0]["seconds"] = 12.34
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": first.records}))
+    lines = []
+    again = _Steps(lines.append, _previous_step_times(tmp_path))
+    again.run("pixel cache", "cxrembed cache", lambda: None, reused=True)
+    again.run("few-shot sweep", "cxrembed fewshot", lambda: None, reused=True)
+    assert [format_step_time(s) for s in again.records] == [
+        "reused (12.3 s when run)", "reused"]
+    assert "reusing" in lines[0]
+    # A third run keeps the time of the run that did the work, not the reused 0.0 s.
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": again.records}))
+    assert _previous_step_times(tmp_path) == {"pixel cache": 12.34}
+    assert format_step_time({"seconds": 3.21, "reused": False}) == "3.2 s"
+
+
+@pytest.mark.slow
+def test_a_second_demo_run_reuses_and_says_so(demo_run):
+    from cxrembed.demo import DemoConfig, run_demo
+
+    first = {s["name"]: s for s in demo_run.steps}
+    assert not any(s["reused"] for s in first.values())
+    again = run_demo(demo_run.out, DemoConfig(images=240, size=64, epochs=1, seeds=2,
+                                              shots=(1, 4)), progress=False)
+    steps = {s["name"]: s for s in again.steps}
+    for name in ("pixel cache", "domain adaptation", "encode (frozen CLIP)",
+                 "encode (adapted)"):
+        assert steps[name]["reused"], name
+        assert steps[name]["original_seconds"] == first[name]["seconds"], name
+    html = (demo_run.out / "report.html").read_text()
+    for name in ("pixel cache", "domain adaptation", "encode (adapted)"):
+        assert f"<tr><td>{name}</td><td>reused ({first[name]['seconds']:.1f} s when run)" in html

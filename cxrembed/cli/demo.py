@@ -40,7 +40,7 @@ def demo(
 ) -> None:
     """Run the whole method end to end and write an HTML report (synthetic data by default)."""
     from cxrembed.cli.evaluate import _int_list
-    from cxrembed.demo import DemoConfig, check_config, run_demo
+    from cxrembed.demo import DemoConfig, check_config, format_step_time, run_demo
 
     config = DemoConfig(data=str(data) if data else None, model=model, pretrained=pretrained,
                         images=images, size=size, epochs=epochs, seeds=seeds, device=device,
@@ -61,7 +61,7 @@ def demo(
         ci = f"[{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]" if p.get("ci") else "—"
         table.add_row(name, f"{p['mean']:.3f}" if p["mean"] is not None else "—", ci)
     console.print(table)
-    steps = ", ".join(f"{s['name']} {s['seconds']:.0f}s" for s in result.steps)
+    steps = ", ".join(f"{s['name']} {format_step_time(s)}" for s in result.steps)
     console.print(f"ran: {steps}")
     console.print(f"[green]done in {result.seconds:.0f} s.[/] Report: [bold]{result.report}"
                   f"[/]  (everything else is in {result.out}/)")
