@@ -33,7 +33,9 @@ def demo(
     train_val_list: TrainValListOpt = None,
     test_list: TestListOpt = None,
     view: ViewOpt = "all",
-    val_fraction: ValFractionOpt = 0.1,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        "--val-fraction", help="Share of train_val patients held out for val (default: 0.25 "
+        "on the synthetic twin, whose val split is small; 0.1 on --data).")] = None,
     split_seed: SplitSeedOpt = 7,
     allow_missing: AllowMissingOpt = False,
     no_progress: NoProgressOpt = False,
