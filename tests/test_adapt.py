@@ -440,3 +440,21 @@ def test_config_file_is_read_by_the_config_class(tmp_path):
         AdaptConfig.from_file(path)
     with pytest.raises(ConfigError, match="cannot read the adapt config file"):
         AdaptConfig.from_file(tmp_path / "missing.json")
+
+
+def test_cli_failed_start_leaves_no_run_behind(small, tmp_path):
+    """`cxrembed adapt --pretrained openai` without internet: exit 1 with the reason, no
+    folder written, and the same command then fails for the same reason."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "cxrembed", "adapt", str(small.root), "--out",
+            str(tmp_path / "run"), "--pretrained", "openai", "--workers", "0", "--no-progress"]
+    for _ in range(2):
+        done = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "not in the local cache" in done.stdout + done.stderr
+        assert "already holds" not in done.stdout + done.stderr
+        assert not (tmp_path / "run").exists()
