@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,6 +335,15 @@ def test_a_failed_start_leaves_nothing_behind(small, tmp_path, monkeypatch):
     out.mkdir()  # an empty folder given by the user stays as it was
     with pytest.raises(ModelError):
         adapt(small, out, AdaptConfig(model="ViT-B-32", pretrained="openai"), progress=False)
+    assert list(out.iterdir()) == []
+    # A training image that cannot be decoded is found before the first write too.
+    broken = small.subset(np.arange(len(small)))
+    first = broken.split_rows("train")[0]
+    (tmp_path / "broken.png").write_bytes(Path(broken.path[first]).read_bytes()[:100])
+    broken.path = broken.path.astype(object)
+    broken.path[first] = str(tmp_path / "broken.png")
+    with pytest.raises(DataError, match="cannot decode image .*broken.png"):
+        adapt(broken, out, tiny(epochs=1), progress=False)
     assert list(out.iterdir()) == []
     result = adapt(small, out, tiny(epochs=1, model=TINY_NAME), progress=False)
     assert result.epochs_run == 1

@@ -89,6 +89,7 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     dataset = _load_dataset(data, config, csv_path, train_val_list, test_list)
     rows, undefined = _check_splits(dataset)
     source_images = ImageSource(dataset, pixel_cache)
+    source_images.read(rows["train"][:1])  # an unreadable image or cache fails here, not later
     folder = check_run_folder(out, config, dataset, resume, overwrite)
     if folder.finished:
         log.info("%s is complete; returning its result", out)
