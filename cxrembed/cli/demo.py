@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DeviceOpt, NoProgressOpt, SplitSeedOpt,
-                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
+                                 TestListOpt, TrainValListOpt, ViewOpt, app,
                                  console)
 
 
