@@ -313,6 +313,7 @@ def test_encode_refuses_data_split_unlike_the_runs(small, tmp_path):
     assert result.rows == 8
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_nothing_behind(small, tmp_path, monkeypatch):
     """Unknown model, unreachable weights, a folder that is not data: the error comes
     before the first write, so the same --out works once the cause is fixed."""
@@ -375,6 +376,7 @@ def test_default_workers_fit_the_machine(monkeypatch):
     assert len(batches) == 2
 
 
+@pytest.mark.slow
 def test_run_files_are_readable_like_any_other_file(small, tmp_path):
     import os
     import stat
@@ -405,6 +407,7 @@ def _falling_val_auc(monkeypatch) -> None:
     monkeypatch.setattr(loop, "auc_report", falling)
 
 
+@pytest.mark.slow
 def test_early_stop_is_said_in_the_log_summary_metrics_and_cli(small, tmp_path, monkeypatch,
                                                                caplog):
     from typer.testing import CliRunner
@@ -452,6 +455,7 @@ def test_config_file_is_read_by_the_config_class(tmp_path):
         AdaptConfig.from_file(tmp_path / "missing.json")
 
 
+@pytest.mark.slow
 def test_cli_failed_start_leaves_no_run_behind(small, tmp_path):
     """`cxrembed adapt --pretrained openai` without internet: exit 1 with the reason, no
     folder written, and the same command then fails for the same reason."""
