@@ -36,12 +36,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _setups(model_name: str, device: torch.device, amp: bool):
-    from cxrembed.model import AdaptedCLIP, MLPHead, count_trainable, create_clip
+    from cxrembed.model import AdaptedCLIP, DiagnosisHead, count_trainable, create_clip
     from cxrembed.model.loss import focal_bce_with_logits
 
     clip, _ = create_clip(model_name, "none")
     torch.manual_seed(0)
-    model = AdaptedCLIP(clip, MLPHead(in_dim=int(clip.visual.proj.shape[1])), unfreeze=3)
+    model = AdaptedCLIP(clip, DiagnosisHead(in_dim=int(clip.visual.proj.shape[1])), unfreeze=3)
     model.to(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else (
         lambda: torch.autocast("cpu", enabled=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,7 +46,8 @@ def count_test_evaluations(monkeypatch) -> list[str]:
         calls.append(args[4] if len(args) > 4 else kwargs["split"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("cxrembed.adapt.evaluate_split", counting)
+    for module in ("cxrembed.adapt.loop", "cxrembed.adapt.run"):
+        monkeypatch.setattr(f"{module}.evaluate_split", counting)
     return calls
 
 
@@ -60,7 +62,7 @@ def test_val_auc_rises_well_above_chance(tmp_path):
     from cxrembed.data.nih import load_nih
     from cxrembed.data.synth import make_twin
     from cxrembed.data.cache import ImageSource
-    from cxrembed.model import AdaptedCLIP, MLPHead, create_clip
+    from cxrembed.model import AdaptedCLIP, DiagnosisHead, create_clip
 
     dataset = load_nih(make_twin(tmp_path / "nih", images=1000, size=64, seed=0, workers=1),
                        val_fraction=0.2)
@@ -68,7 +70,7 @@ def test_val_auc_rises_well_above_chance(tmp_path):
     # The untrained model (same seeded init) is the baseline the run must rise above.
     clip, _ = create_clip("cxr-tiny", "none")
     torch.manual_seed(config.seed)
-    untrained = AdaptedCLIP(clip, MLPHead(), config.unfreeze)
+    untrained = AdaptedCLIP(clip, DiagnosisHead(), config.unfreeze)
     val = dataset.split_rows("val")
     scores = evaluate_split(untrained, ImageSource(dataset), dataset.labels, val, "val", config,
                             torch.device("cpu"))
@@ -257,12 +259,12 @@ def test_vit_b32_runs_a_train_step_through_adapt(small, tmp_path):
         steps.append((epoch, step))
         raise TrainingInterrupted
 
-    started = {}
+    started = []
     with pytest.raises(TrainingInterrupted):
         adapt(small, tmp_path / "run", AdaptConfig(pretrained="none", workers=0, batch_size=4),
-              progress=False, on_step=stop, on_start=started.update)
-    assert steps == [(1, 1)] and started["trainable_params"] == 22_057_486
-    assert started["weights"] == "random init (no pretrained weights)"  # not "none none"
+              progress=False, on_step=stop, on_start=started.append)
+    assert steps == [(1, 1)] and started[0].trainable_params == 22_057_486
+    assert started[0].weights == "random init (no pretrained weights)"  # not "none none"
 
 
 @pytest.mark.slow
@@ -309,3 +311,164 @@ def test_encode_refuses_data_split_unlike_the_runs(small, tmp_path):
     result = encode_dataset(small, tmp_path / "same.h5", encoder, progress=False, limit=8,
                             index=None)
     assert result.rows == 8
+
+
+@pytest.mark.slow
+def test_a_failed_start_leaves_nothing_behind(small, tmp_path, monkeypatch):
+    """Unknown model, unreachable weights, a folder that is not data: the error comes
+    before the first write, so the same --out works once the cause is fixed."""
+    from cxrembed.model import TINY_NAME
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet
+    out = tmp_path / "run"
+    for _ in range(2):  # the second try meets the same error, not "already holds this run"
+        with pytest.raises(ModelError, match="not in the local cache.*--pretrained"):
+            adapt(small, out, AdaptConfig(model="ViT-B-32", pretrained="openai", workers=0),
+                  progress=False)
+        assert not out.exists()
+    with pytest.raises(ModelError, match="unknown model 'ViT-B-33'"):
+        adapt(small, out, tiny(model="ViT-B-33"), progress=False)
+    with pytest.raises(DataError):
+        adapt(tmp_path / "no-such-data", out, tiny(), progress=False)
+    with pytest.raises(ConfigError, match="--unfreeze 9"):
+        adapt(small, out, tiny(unfreeze=9), progress=False)
+    assert not out.exists()
+    out.mkdir()  # an empty folder given by the user stays as it was
+    with pytest.raises(ModelError):
+        adapt(small, out, AdaptConfig(model="ViT-B-32", pretrained="openai"), progress=False)
+    assert list(out.iterdir()) == []
+    # A training image that cannot be decoded is found before the first write too.
+    broken = small.subset(np.arange(len(small)))
+    first = broken.split_rows("train")[0]
+    (tmp_path / "broken.png").write_bytes(Path(broken.path[first]).read_bytes()[:100])
+    broken.path = broken.path.astype(object)
+    broken.path[first] = str(tmp_path / "broken.png")
+    with pytest.raises(DataError, match="cannot decode image .*broken.png"):
+        adapt(broken, out, tiny(epochs=1), progress=False)
+    assert list(out.iterdir()) == []
+    result = adapt(small, out, tiny(epochs=1, model=TINY_NAME), progress=False)
+    assert result.epochs_run == 1
+
+
+def test_default_workers_fit_the_machine(monkeypatch):
+    import warnings
+
+    from cxrembed.adapt import config as config_module
+    from cxrembed.adapt.evaluate import batch_loader
+
+    for cpus, want in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(config_module, "usable_cpus", lambda cpus=cpus: cpus)
+        assert AdaptConfig().loader_workers == want, cpus
+    assert AdaptConfig(workers=3).loader_workers == 3  # a value given is kept
+    monkeypatch.undo()
+    workers = AdaptConfig().loader_workers
+    assert workers < max(config_module.usable_cpus(), 2)
+
+    class Source:
+        def read(self, rows):
+            return np.zeros((len(rows), 4, 4), np.uint8)
+
+    labels = np.zeros((4, len(LABELS)), np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch warns when workers exceed the CPUs
+        batches = list(batch_loader(Source(), labels, [np.arange(2), np.arange(2, 4)],
+                                    workers, cuda=False))
+    assert len(batches) == 2
+
+
+@pytest.mark.slow
+def test_run_files_are_readable_like_any_other_file(small, tmp_path):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        adapt(small, tmp_path / "run", tiny(epochs=1), progress=False)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "model.json", "config.json"}
+    modes = {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def _falling_val_auc(monkeypatch) -> None:
+    """Val mean AUC 0.8 at epoch 1, then lower every epoch (deterministic early stop)."""
+    from cxrembed.adapt import loop
+
+    real, calls = loop.auc_report, []
+
+    def falling(labels, scores):
+        aucs, _, undefined = real(labels, scores)
+        calls.append(1)
+        return aucs, 0.8 - 0.01 * (len(calls) - 1), undefined
+
+    monkeypatch.setattr(loop, "auc_report", falling)
+
+
+@pytest.mark.slow
+def test_early_stop_is_said_in_the_log_summary_metrics_and_cli(small, tmp_path, monkeypatch,
+                                                               caplog):
+    from typer.testing import CliRunner
+
+    from cxrembed.cli import app
+
+    _falling_val_auc(monkeypatch)
+    want = "stopped early at epoch 3 of 5: no val AUC gain for 2 epochs (best 0.8000 at epoch 1)"
+    with caplog.at_level(logging.INFO, logger="cxrembed.adapt"):
+        result = adapt(small, tmp_path / "run", tiny(epochs=5, early_stop_patience=2),
+                       progress=False)
+    assert result.stopped_early and result.epochs_run == 3 and result.stop_reason == want
+    assert want in caplog.text
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["stop_reason"] == want and summary["epochs"] == 5
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert lines[2]["stopped_early"] == want and lines[-1]["stop_reason"] == want
+
+    _falling_val_auc(monkeypatch)
+    args = ["adapt", str(small.root), "--out", str(tmp_path / "cli"), "--model", "cxr-tiny",
+            "--pretrained", "none", "--epochs", "5", "--early-stop-patience", "2",
+            "--val-fraction", "0.2", "--workers", "0", "--lr-encoder", "0.001", "--lr-head",
+            "0.001", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    outcome = CliRunner().invoke(app, args, terminal_width=200)
+    assert outcome.exit_code == 0, outcome.output
+    assert want in " ".join(outcome.output.split())
+    whole = adapt(small, tmp_path / "run2", tiny(epochs=2), progress=False)
+    assert not whole.stopped_early and whole.stop_reason is None
+
+
+def test_config_file_is_read_by_the_config_class(tmp_path):
+    path = tmp_path / "adapt.json"
+    path.write_text(json.dumps({"epochs": 3, "lr_head": 0.002}))
+    config = AdaptConfig.from_file(path, {"epochs": 4, "lr_encoder": None})
+    assert (config.epochs, config.lr_head, config.lr_encoder) == (4, 0.002, 1e-5)
+    path.write_text(json.dumps({"config": {"epochs": 2}, "data": {}}))  # a run's config.json
+    assert AdaptConfig.from_file(path).epochs == 2
+    path.write_text(json.dumps({"epoch": 2}))
+    with pytest.raises(ConfigError, match=r"adapt\.json: unknown adapt option\(s\) epoch"):
+        AdaptConfig.from_file(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="adapt.json holds a JSON list"):
+        AdaptConfig.from_file(path)
+    with pytest.raises(ConfigError, match="cannot read the adapt config file"):
+        AdaptConfig.from_file(tmp_path / "missing.json")
+
+
+@pytest.mark.slow
+def test_cli_failed_start_leaves_no_run_behind(small, tmp_path):
+    """`cxrembed adapt --pretrained openai` without internet: exit 1 with the reason, no
+    folder written, and the same command then fails for the same reason."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = [sys.executable, "-m", "cxrembed", "adapt", str(small.root), "--out",
+            str(tmp_path / "run"), "--pretrained", "openai", "--workers", "0", "--no-progress"]
+    for _ in range(2):
+        done = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "not in the local cache" in done.stdout + done.stderr
+        assert "already holds" not in done.stdout + done.stderr
+        assert not (tmp_path / "run").exists()

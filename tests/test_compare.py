@@ -72,7 +72,9 @@ def test_table1_ships_in_the_wheel(tmp_path):
     import zipfile
 
     wheel = next(tmp_path.glob("cxrembed-*.whl"))
-    assert "cxrembed/published/table1.csv" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "cxrembed/published/table1.csv" in names
+    assert "cxrembed/model/configs/cxr-tiny.json" in names  # the architecture the demo uses
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,14 @@ AUC; `cxrembed report` renders the same folder, and its parts one by one."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from cxrembed.demo import DemoConfig
@@ -122,3 +124,86 @@ def test_demo_refuses_a_data_folder_that_is_not_there(tmp_path):
 
     with pytest.raises(ConfigError, match="--data"):
         check_config(DemoConfig(data=str(tmp_path / "nope")))
+
+
+def test_reused_steps_say_so_with_the_time_they_took(tmp_path):
+    from cxrembed.demo import _previous_step_times, _Steps, format_step_time
+
+    first = _Steps(None)
+    first.run("pixel cache", "cxrembed cache", lambda: None)
+    first.records[0]["seconds"] = 12.34
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": first.records}))
+    lines = []
+    again = _Steps(lines.append, _previous_step_times(tmp_path))
+    again.run("pixel cache", "cxrembed cache", lambda: None, reused=True)
+    again.run("few-shot sweep", "cxrembed fewshot", lambda: None, reused=True)
+    assert [format_step_time(s) for s in again.records] == [
+        "reused (12.3 s when run)", "reused"]
+    assert "reusing" in lines[0]
+    # A third run keeps the time of the run that did the work, not the reused 0.0 s.
+    (tmp_path / "summary.json").write_text(json.dumps({"steps": again.records}))
+    assert _previous_step_times(tmp_path) == {"pixel cache": 12.34}
+    assert format_step_time({"seconds": 3.21, "reused": False}) == "3.2 s"
+
+
+@pytest.mark.slow
+def test_a_second_demo_run_reuses_and_says_so(demo_run):
+    from cxrembed.demo import DemoConfig, run_demo
+
+    first = {s["name"]: s for s in demo_run.steps}
+    assert not any(s["reused"] for s in first.values())
+    again = run_demo(demo_run.out, DemoConfig(images=240, size=64, epochs=1, seeds=2,
+                                              shots=(1, 4)), progress=False)
+    steps = {s["name"]: s for s in again.steps}
+    for name in ("pixel cache", "domain adaptation", "encode (frozen CLIP)",
+                 "encode (adapted)"):
+        assert steps[name]["reused"], name
+        assert steps[name]["original_seconds"] == first[name]["seconds"], name
+    html = (demo_run.out / "report.html").read_text()
+    for name in ("pixel cache", "domain adaptation", "encode (adapted)"):
+        shown = f"reused ({first[name]['seconds']:.1f} s when run)"
+        assert re.search(rf"<td>{re.escape(name)}</td><td[^>]*>{re.escape(shown)}</td>", html)
+
+
+def mean_pairwise_cosine(vectors: np.ndarray) -> float:
+    """Mean cosine over all pairs of distinct rows (1.0: every vector points the same way)."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    n = len(unit)
+    return float((sims.sum() - np.trace(sims)) / (n * (n - 1)))
+
+
+@pytest.mark.slow
+def test_demo_adaptation_learns_over_epochs_and_spreads_the_vectors(tmp_path):
+    """The demo's own adaptation settings on the demo's default twin: val AUC climbs for
+    several epochs (not a peak at epoch 1) and the adapted vectors are not the random
+    encoder's near-identical ones, so its search shows neighbours that differ."""
+    import torch
+
+    from cxrembed.adapt import AdaptConfig, adapt
+    from cxrembed.data import load_nih
+    from cxrembed.data.cache import ImageSource, build_pixel_cache
+    from cxrembed.data.synth import make_twin
+    from cxrembed.data.transforms import to_clip_tensor
+    from cxrembed.model import load_encoder
+
+    config = DemoConfig()
+    root = make_twin(tmp_path / "nih", images=config.images, size=config.size, seed=config.seed)
+    dataset = load_nih(root, val_fraction=config.split_val_fraction)
+    build_pixel_cache(dataset, tmp_path / "pixels.h5", progress=False)
+    result = adapt(dataset, tmp_path / "adapt", AdaptConfig.from_dict(
+        config.adapt_overrides("cpu")), pixel_cache=tmp_path / "pixels.h5", device="cpu",
+        progress=False)
+    curve = [round(h["val_mean_auc"], 4) for h in result.history]
+    assert result.best_epoch >= 4, curve
+    assert result.val_mean_auc >= curve[0] + 0.03, curve
+
+    rows = np.sort(np.random.default_rng(0).choice(len(dataset), 300, replace=False))
+    images = to_clip_tensor(ImageSource(dataset, tmp_path / "pixels.h5").read(rows))
+    cosines = {}
+    for name, encoder in (("frozen", load_encoder(config.model, config.pretrained)),
+                          ("adapted", load_encoder(checkpoint=tmp_path / "adapt"))):
+        with torch.inference_mode():
+            cosines[name] = mean_pairwise_cosine(encoder.encode_image(images).numpy())
+    assert cosines["frozen"] > 0.99  # a random tiny CLIP: every X-ray looks alike to it
+    assert cosines["adapted"] < 0.98, cosines

@@ -259,7 +259,7 @@ def test_bad_configuration_is_refused_by_name(world):
 
 def test_mlp_starts_from_the_adapted_head_when_asked(world):
     torch = pytest.importorskip("torch")
-    from cxrembed.model.head import MLPHead as PaperHead
+    from cxrembed.model.head import DiagnosisHead as PaperHead
 
     torch.manual_seed(0)
     state = PaperHead(in_dim=DIM).state_dict()

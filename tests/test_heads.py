@@ -162,7 +162,7 @@ def test_tip_adapter_with_alpha_zero_is_zero_shot_and_selects_on_val(data):
 
 def test_mlp_head_is_the_papers_head_and_starts_from_given_weights():
     torch = pytest.importorskip("torch")
-    from cxrembed.model.head import MLPHead as PaperHead
+    from cxrembed.model.head import DiagnosisHead as PaperHead
 
     torch.manual_seed(3)
     adapted = PaperHead(in_dim=DIM).eval()

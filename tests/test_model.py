@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from cxrembed.errors import ConfigError, ModelError
-from cxrembed.model import (AdaptedCLIP, MLPHead, build_clip, count_trainable, create_clip,
-                            load_encoder, partial_image_features)
+from cxrembed.model import (AdaptedCLIP, DiagnosisHead, build_clip, count_trainable, create_clip,
+                            load_encoder)
 
 PAPER_TRAINABLE = 22_057_486
 
@@ -54,7 +54,7 @@ def vit_b32():
 @pytest.mark.slow
 def test_vit_b32_trainable_count_is_the_papers(vit_b32):
     clip, _ = vit_b32
-    model = AdaptedCLIP(clip, MLPHead(), unfreeze=3)
+    model = AdaptedCLIP(clip, DiagnosisHead(), unfreeze=3)
     assert count_trainable(model) == PAPER_TRAINABLE
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     blocks = {n.split(".")[4] for n in trainable if ".resblocks." in n}
@@ -68,10 +68,72 @@ def test_vit_b32_trainable_count_is_the_papers(vit_b32):
     assert count_trainable(model) == 3 * 7_087_872 + 1_536 + 768 * 512 + 399_118
 
 
+def _by_hand(clip: nn.Module, unfreeze: int) -> set[str]:
+    """The paper's trainable set written out by name: top blocks, ln_post, proj."""
+    depth = len(clip.visual.transformer.resblocks)
+    blocks = {f"visual.transformer.resblocks.{i}." for i in range(depth - unfreeze, depth)}
+    return {n for n, _ in clip.named_parameters()
+            if n == "visual.proj" or n.startswith("visual.ln_post.")
+            or any(n.startswith(b) for b in blocks)}
+
+
+def _trainable(clip: nn.Module) -> set[str]:
+    return {n for n, p in clip.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.slow
+def test_partial_unfreeze_is_open_clips_lock_with_one_special_case(vit_b32):
+    from cxrembed.model import apply_partial_unfreeze
+
+    clip, _ = vit_b32
+    for unfreeze in (1, 2, 3, 4):
+        apply_partial_unfreeze(clip, unfreeze)
+        ours = _trainable(clip)
+        assert ours == _by_hand(clip, unfreeze), unfreeze
+        clip.requires_grad_(False)
+        clip.visual.lock(unlocked_groups=unfreeze + 1)  # open_clip's own, used as is
+        assert _trainable(clip) == ours, unfreeze
+    # unfreeze 0 (ln_post + proj) is no lock() setting: ln_post shares a group with the
+    # last block, so lock(1) leaves ln_post frozen and lock(2) trains the whole last block.
+    apply_partial_unfreeze(clip, 0)
+    assert _trainable(clip) == {"visual.proj", "visual.ln_post.weight", "visual.ln_post.bias"}
+    for groups in (1, 2):
+        clip.requires_grad_(False)
+        clip.visual.lock(unlocked_groups=groups)
+        assert _trainable(clip) != _by_hand(clip, 0), groups
+
+
+def test_cxr_tiny_is_a_shipped_config_registered_through_open_clip(tmp_path):
+    import json
+    import tomllib
+
+    import open_clip
+
+    import cxrembed
+    from cxrembed.model.tiny import TINY_CONFIG_FILE
+
+    assert TINY_CONFIG_FILE.is_file() and TINY_CONFIG_FILE.parent.name == "configs"
+    assert open_clip.get_model_config("cxr-tiny") == json.loads(TINY_CONFIG_FILE.read_text())
+    assert "cxr-tiny" in open_clip.list_models()
+    # The file travels with the package (a wheel built from pyproject.toml holds it).
+    pyproject = Path(cxrembed.__file__).parents[1] / "pyproject.toml"
+    if pyproject.is_file():
+        data = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]
+        package_dir = Path(cxrembed.__file__).parent / "model"
+        assert any(TINY_CONFIG_FILE in package_dir.glob(pattern)
+                   for pattern in data["cxrembed.model"])
+    # The tiny shape cxrembed relies on: 4 blocks, a 512-d joint space, CLIP's tokenizer.
+    clip = build_clip("cxr-tiny", False)
+    assert len(clip.visual.transformer.resblocks) == 4 and clip.visual.proj.shape == (64, 512)
+    import cxrembed.model as model_package
+
+    assert not hasattr(model_package, "MLPHead")  # one public MLPHead: heads.mlp's trainer
+
+
 @pytest.mark.slow
 def test_vit_b32_one_step_changes_only_unfrozen(vit_b32):
     clip, _ = vit_b32
-    model = AdaptedCLIP(clip, MLPHead(), unfreeze=3)
+    model = AdaptedCLIP(clip, DiagnosisHead(), unfreeze=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     targets = torch.zeros(2, 14)
@@ -88,13 +150,13 @@ def test_vit_b32_one_step_changes_only_unfrozen(vit_b32):
 
 def test_frozen_blocks_build_no_graph_and_match_open_clip():
     clip = _tiny_weights()
-    AdaptedCLIP(clip, MLPHead(), unfreeze=2)  # freezes all but the top 2 blocks of clip
+    model = AdaptedCLIP(clip, DiagnosisHead(), unfreeze=2)  # all but the top 2 blocks frozen
     seen = {}
     blocks = clip.visual.transformer.resblocks
     for i, block in enumerate(blocks):
         block.register_forward_hook(lambda m, inp, out, i=i: seen.__setitem__(i, out.requires_grad))
     x = _images()
-    out = partial_image_features(clip, x, 2)
+    out = model.embed(x)
     assert seen == {0: False, 1: False, 2: True, 3: True}
     with torch.no_grad():
         reference = clip.encode_image(x)
@@ -106,8 +168,8 @@ def test_frozen_blocks_build_no_graph_and_match_open_clip():
 def test_unfreeze_larger_than_depth_is_refused():
     clip = build_clip("cxr-tiny", False)
     with pytest.raises(ConfigError, match=r"--unfreeze 5 .* 4 blocks; use 0\.\.4"):
-        AdaptedCLIP(clip, MLPHead(), unfreeze=5)
-    model = AdaptedCLIP(clip, MLPHead(), unfreeze=0)  # 0: ln_post and proj only
+        AdaptedCLIP(clip, DiagnosisHead(), unfreeze=5)
+    model = AdaptedCLIP(clip, DiagnosisHead(), unfreeze=0)  # 0: ln_post and proj only
     assert count_trainable(model) == 2 * 64 + 64 * 512 + 399_118
 
 
@@ -116,7 +178,7 @@ def test_unfreeze_larger_than_depth_is_refused():
 
 
 def test_head_is_the_papers_mlp():
-    head = MLPHead()
+    head = DiagnosisHead()
     kinds = [type(m) for m in head]
     assert kinds == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Dropout, nn.Linear, nn.LayerNorm,
                      nn.GELU, nn.Dropout, nn.Linear]

@@ -300,12 +300,12 @@ def test_cli_refuses_an_open_address_without_token(store_path):
 @pytest.fixture(scope="module")
 def adapted_run(tmp_path_factory):
     from cxrembed.model.adapted import AdaptedCLIP, save_adapted
-    from cxrembed.model.head import MLPHead
+    from cxrembed.model.head import DiagnosisHead
     from cxrembed.model.loading import create_clip
 
     run = tmp_path_factory.mktemp("run")
     clip, source = create_clip("cxr-tiny", "none")
-    save_adapted(run, AdaptedCLIP(clip, MLPHead(), unfreeze=3), model_name="cxr-tiny",
+    save_adapted(run, AdaptedCLIP(clip, DiagnosisHead(), unfreeze=3), model_name="cxr-tiny",
                  base_weights=source.fingerprint())
     return run
 

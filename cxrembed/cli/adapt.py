@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,10 +17,10 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.adapt import AdaptConfig
+from cxrembed.adapt.config import AdaptConfig
+from cxrembed.adapt.result import AdaptStart
 from cxrembed.cli.common import (CsvOpt, DataArg, TestListOpt, TrainValListOpt, app, console,
                                  print_json)
-from cxrembed.errors import ConfigError
 from cxrembed.labels import LABELS
 
 _HINTS = typing.get_type_hints(AdaptConfig)
@@ -76,23 +75,19 @@ def adapt(
     """Adapt CLIP to chest X-rays: top visual blocks + MLP head, selected on val, test once."""
     from cxrembed.adapt import adapt as run_adapt
 
-    values: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            values.update(json.loads(Path(config_file).read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read --config {config_file}: {exc}") from None
-        values = values.get("config", values)  # a run's config.json works too
-    values.update({k: v for k, v in config_values.items() if v is not None})
-    config = AdaptConfig.from_dict(values)
+    given = {k: v for k, v in config_values.items() if v is not None}
+    config = (AdaptConfig.from_file(config_file, given) if config_file is not None
+              else AdaptConfig.from_dict(given))
 
-    def started(info: dict) -> None:
+    def started(info: AdaptStart) -> None:
         if not json_out:
-            console.print(f"[bold]{info['model']}[/] ({info['weights']}) on {info['device']}: "
-                          f"[cyan]{info['trainable_params']:,}[/] trainable parameters "
-                          f"(top {info['unfreeze']} blocks + ln_post + proj + head); "
-                          f"{info['train']:,} train / {info['val']:,} val / {info['test']:,} "
-                          f"test images")
+            resumed = (f"; resuming after epoch {info.epochs_done} of {info.epochs}"
+                       if info.epochs_done else "")
+            console.print(f"[bold]{info.model}[/] ({info.weights}) on {info.device}: "
+                          f"[cyan]{info.trainable_params:,}[/] trainable parameters "
+                          f"(top {info.unfreeze} blocks + ln_post + proj + head); "
+                          f"{info.train:,} train / {info.val:,} val / {info.test:,} "
+                          f"test images; {info.workers} reading processes{resumed}")
 
     result = run_adapt(data, out, config, pixel_cache=pixel_cache, resume=resume,
                        overwrite=overwrite, device=device, progress=not no_progress,
@@ -120,6 +115,8 @@ def _show_result(result: Any) -> None:
     table.add_row("[bold]mean[/]", f"[bold]{_fmt(result.val_mean_auc)}[/]",
                   f"[bold]{_fmt(result.test_mean_auc)}[/]")
     console.print(table)
+    if result.stop_reason:
+        console.print(result.stop_reason)
     for split, names in result.undefined.items():
         if names:
             console.print(f"[yellow]{split}[/]: no positives (or no negatives) of "

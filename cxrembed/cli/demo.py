@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DeviceOpt, NoProgressOpt, SplitSeedOpt,
-                                 TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
+                                 TestListOpt, TrainValListOpt, ViewOpt, app,
                                  console)
 
 
@@ -33,14 +33,16 @@ def demo(
     train_val_list: TrainValListOpt = None,
     test_list: TestListOpt = None,
     view: ViewOpt = "all",
-    val_fraction: ValFractionOpt = 0.1,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        "--val-fraction", help="Share of train_val patients held out for val (default: 0.25 "
+        "on the synthetic twin, whose val split is small; 0.1 on --data).")] = None,
     split_seed: SplitSeedOpt = 7,
     allow_missing: AllowMissingOpt = False,
     no_progress: NoProgressOpt = False,
 ) -> None:
     """Run the whole method end to end and write an HTML report (synthetic data by default)."""
     from cxrembed.cli.evaluate import _int_list
-    from cxrembed.demo import DemoConfig, check_config, run_demo
+    from cxrembed.demo import DemoConfig, check_config, format_step_time, run_demo
 
     config = DemoConfig(data=str(data) if data else None, model=model, pretrained=pretrained,
                         images=images, size=size, epochs=epochs, seeds=seeds, device=device,
@@ -61,7 +63,7 @@ def demo(
         ci = f"[{p['ci'][0]:.3f}, {p['ci'][1]:.3f}]" if p.get("ci") else "—"
         table.add_row(name, f"{p['mean']:.3f}" if p["mean"] is not None else "—", ci)
     console.print(table)
-    steps = ", ".join(f"{s['name']} {s['seconds']:.0f}s" for s in result.steps)
+    steps = ", ".join(f"{s['name']} {format_step_time(s)}" for s in result.steps)
     console.print(f"ran: {steps}")
     console.print(f"[green]done in {result.seconds:.0f} s.[/] Report: [bold]{result.report}"
                   f"[/]  (everything else is in {result.out}/)")

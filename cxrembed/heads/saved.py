@@ -59,14 +59,14 @@ class AdaptedHead:
     def __init__(self, state: dict[str, Any]) -> None:
         import torch
 
-        from cxrembed.model.head import MLPHead
+        from cxrembed.model.head import DiagnosisHead
 
         tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}
         weights = [k for k in tensors if k.endswith(".weight") and tensors[k].ndim == 2]
         first, last = tensors[weights[0]], tensors[weights[-1]]
         hidden = (int(tensors[weights[0]].shape[0]), int(tensors[weights[1]].shape[0]))
-        self.module = MLPHead(in_dim=int(first.shape[1]), hidden=hidden,
-                              num_classes=int(last.shape[0]))
+        self.module = DiagnosisHead(in_dim=int(first.shape[1]), hidden=hidden,
+                                    num_classes=int(last.shape[0]))
         self.module.load_state_dict(tensors)
         self.module.eval()
         self.selected: dict[str, Any] = {}
@@ -128,7 +128,7 @@ def rebuild_head(kind: str, arrays: dict[str, np.ndarray], options: dict[str, An
     elif kind == "mlp":
         import torch
 
-        from cxrembed.model.head import MLPHead as PaperHead
+        from cxrembed.model.head import DiagnosisHead as PaperHead
 
         head = make_head("mlp", **options)
         state = {k[len("module."):]: torch.as_tensor(v) for k, v in arrays.items()

@@ -24,11 +24,11 @@ from torch import nn
 
 from cxrembed.data.images import PREPROCESSING
 from cxrembed.errors import ModelError
-from cxrembed.files import atomic_write, atomic_write_text
+from cxrembed.files import atomic_write_text
 from cxrembed.labels import LABELS
-from cxrembed.model.head import MLPHead
-from cxrembed.model.partial import (apply_partial_unfreeze, check_unfreeze,
-                                    partial_image_features)
+from cxrembed.model.head import DiagnosisHead
+from cxrembed.model.partial import apply_partial_unfreeze, check_unfreeze
+from cxrembed.model.run_state import save_tensors
 from cxrembed.model.weights import sha256_file
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class AdaptedCLIP(nn.Module):
     """CLIP whose top ``unfreeze`` visual blocks, ``ln_post`` and ``proj`` train, with the
     MLP head on its (unnormalised) image embedding. ``forward(images) -> logits``."""
 
-    def __init__(self, clip: nn.Module, head: MLPHead, unfreeze: int) -> None:
+    def __init__(self, clip: nn.Module, head: DiagnosisHead, unfreeze: int) -> None:
         super().__init__()
         check_unfreeze(clip, unfreeze)
         self.clip, self.head, self.unfreeze = clip, head, unfreeze
@@ -62,8 +62,9 @@ class AdaptedCLIP(nn.Module):
         return list(self.head.parameters())
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Unnormalised joint-space image embedding, frozen part graph-free."""
-        return partial_image_features(self.clip, images, self.unfreeze)
+        """Unnormalised joint-space image embedding (open_clip's public ``encode_image``;
+        the frozen part builds no graph: see :mod:`cxrembed.model.partial`)."""
+        return self.clip.encode_image(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))
@@ -87,7 +88,7 @@ class AdaptedCLIP(nn.Module):
                 params[name].copy_(value)
 
 
-def head_config(head: MLPHead) -> dict:
+def head_config(head: DiagnosisHead) -> dict:
     linears = [m for m in head if isinstance(m, nn.Linear)]
     drops = [m.p for m in head if isinstance(m, nn.Dropout)]
     return {"in_dim": linears[0].in_features,
@@ -98,15 +99,12 @@ def head_config(head: MLPHead) -> dict:
 def save_adapted(run_dir: str | os.PathLike, model: AdaptedCLIP, *, model_name: str,
                  base_weights: dict, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` + ``model.json`` into ``run_dir`` (atomically)."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     tensors = {f"clip.{k}": v.detach().to("cpu").contiguous().clone()
                for k, v in model.clip.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().to("cpu").contiguous().clone()
                     for k, v in model.head.state_dict().items()})
-    atomic_write(run_dir / MODEL_FILE, lambda tmp: save_file(
-        tensors, str(tmp), metadata={"format": str(CHECKPOINT_FORMAT)}))
+    save_tensors(run_dir / MODEL_FILE, tensors, metadata={"format": str(CHECKPOINT_FORMAT)})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "kind": CHECKPOINT_KIND,
@@ -164,7 +162,7 @@ def load_adapted(run_dir: str | os.PathLike, clip: nn.Module, meta: dict,
                          "changed or only partly copied; copy the run folder again")
     tensors = load_file(str(path), device="cpu")
     spec = meta["head"]
-    head = MLPHead(spec["in_dim"], tuple(spec["hidden"]), spec["num_classes"],
+    head = DiagnosisHead(spec["in_dim"], tuple(spec["hidden"]), spec["num_classes"],
                    tuple(spec["dropout"]))
     clip_state = {k[5:]: v for k, v in tensors.items() if k.startswith("clip.")}
     head_state = {k[5:]: v for k, v in tensors.items() if k.startswith("head.")}

@@ -20,7 +20,7 @@ from cxrembed.data.images import PREPROCESSING
 from cxrembed.errors import ModelError
 from cxrembed.labels import LABELS
 from cxrembed.model.adapted import AdaptedCLIP, load_adapted, read_adapted_meta
-from cxrembed.model.head import MLPHead
+from cxrembed.model.head import DiagnosisHead
 from cxrembed.model.loading import WeightsSource, build_clip, create_clip
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Encoder:
     """
 
     def __init__(self, clip: nn.Module, *, model_name: str, source: WeightsSource,
-                 weights: dict, head: MLPHead | None = None, unfreeze: int | None = None,
+                 weights: dict, head: DiagnosisHead | None = None, unfreeze: int | None = None,
                  run: str | None = None, device: str | torch.device = "cpu", amp: bool = True
                  ) -> None:
         self.device = torch.device(device)

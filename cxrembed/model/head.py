@@ -1,4 +1,8 @@
-"""The paper's multi-label head on CLIP's 512-d joint-space image embedding."""
+"""The paper's multi-label diagnosis head on CLIP's 512-d joint-space image embedding.
+
+It is trained with the encoder by ``cxrembed adapt``; :class:`cxrembed.heads.mlp.MLPHead`
+is the few-shot trainer that fits this same architecture on stored vectors.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from torch import nn
 from cxrembed.labels import NUM_CLASSES
 
 
-class MLPHead(nn.Sequential):
+class DiagnosisHead(nn.Sequential):
     """Linear 512-512, LayerNorm, GELU, Dropout 0.3, Linear 512-256, LayerNorm, GELU,
     Dropout 0.2, Linear 256-14; Linear layers Kaiming-normal initialised, biases zero.
 
@@ -41,3 +45,8 @@ class MLPHead(nn.Sequential):
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return super().forward(embedding)
+
+
+#: The former name, kept while ``cxrembed.heads.mlp`` still imports it (another helper's
+#: file); not exported by :mod:`cxrembed.model`. Use :class:`DiagnosisHead`.
+MLPHead = DiagnosisHead

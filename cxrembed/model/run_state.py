@@ -29,11 +29,29 @@ from cxrembed.files import atomic_write, atomic_write_text
 PROGRESS_FILE = "progress.json"
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under 022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor],
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically, readable like every other file of the run.
+
+    safetensors creates its files 0600 (owner only); a run folder copied to a shared
+    disk for others to ``encode`` with must not have one unreadable file in it.
+    """
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    def write(tmp: Path) -> None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=metadata)
+        os.chmod(tmp, _file_mode())
+
+    atomic_write(path, write)
+
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -126,13 +144,13 @@ class RunState:
         if model is not None:
             tag = f"{self.epochs_done:03d}"
             self.files["trainable"] = f"trainable-{tag}.safetensors"
-            _save_tensors(state_dir / self.files["trainable"], model.trainable_state_dict())
+            save_tensors(state_dir / self.files["trainable"], model.trainable_state_dict())
             tensors, meta = optimizer_to_files(optimizer)
             self.files["optimizer"] = f"optimizer-{tag}.safetensors"
-            _save_tensors(state_dir / self.files["optimizer"], tensors)
+            save_tensors(state_dir / self.files["optimizer"], tensors)
             if self._best_changed and self.best_weights is not None:
                 self.files["best"] = f"best-{self.best_epoch:03d}.safetensors"
-                _save_tensors(state_dir / self.files["best"], self.best_weights)
+                save_tensors(state_dir / self.files["best"], self.best_weights)
                 self._best_changed = False
             meta = {"optimizer": meta, "scheduler": scheduler.state_dict()}
         else:
@@ -193,10 +211,10 @@ OWNED = ("config.json", "metrics.jsonl", "state", "model.safetensors", "model.js
          "summary.json")
 
 
-def prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool,
-                    resumable: tuple[str, ...] = ()) -> dict | None:
-    """Create or check the run folder; return the saved identity of a run to resume
-    (None when starting afresh).
+def check_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool,
+                  resumable: tuple[str, ...] = ()) -> dict | None:
+    """Check, without writing anything, that a run may start or resume in ``out``; return
+    the saved identity of a run to resume (None when starting afresh).
 
     ``identity`` is ``{"config": ..., "data": ...}`` (plus anything to record); a folder
     holding another identity is refused unless ``overwrite``; ``resumable`` config fields
@@ -204,31 +222,45 @@ def prepare_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool,
     """
     config_path = out / "config.json"
     if config_path.is_file():
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        try:
+            saved = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            if overwrite:
+                return None
+            raise ConfigError(f"cannot read {config_path} ({exc}); pass --overwrite to start "
+                              "the run over") from None
         if overwrite:
-            remove_run(out)
-        else:
-            diff = config_diff(saved.get("config", {}), identity["config"], resumable)
-            if saved.get("data") != identity["data"]:
-                diff.append(f"data: {saved.get('data')} in the run, {identity['data']} now")
-            if diff:
-                raise ConfigError(f"{out} holds a different run ({'; '.join(diff[:4])}); choose "
-                                  "another --out, or pass --overwrite to replace it")
-            if not resume:
-                changed = config_diff(saved.get("config", {}), identity["config"])
-                raise ConfigError(f"{out} already holds this run"
-                                  f"{' (' + '; '.join(changed) + ')' if changed else ''}; pass "
-                                  "--resume to continue it (or show its result if finished) or "
-                                  "--overwrite to start over")
-            return saved
-    elif resume:
+            return None
+        diff = config_diff(saved.get("config", {}), identity["config"], resumable)
+        if saved.get("data") != identity["data"]:
+            diff.append(f"data: {saved.get('data')} in the run, {identity['data']} now")
+        if diff:
+            raise ConfigError(f"{out} holds a different run ({'; '.join(diff[:4])}); choose "
+                              "another --out, or pass --overwrite to replace it")
+        if not resume:
+            changed = config_diff(saved.get("config", {}), identity["config"])
+            raise ConfigError(f"{out} already holds this run"
+                              f"{' (' + '; '.join(changed) + ')' if changed else ''}; pass "
+                              "--resume to continue it (or show its result if finished) or "
+                              "--overwrite to start over")
+        return saved
+    if resume:
         raise ConfigError(f"nothing to resume in {out}: it holds no config.json; drop --resume")
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} is not empty and holds no cxrembed run; choose a new or empty "
                           "--out folder (or pass --overwrite to write into it anyway)")
-    (out / "state").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, json.dumps(identity, indent=2))
     return None
+
+
+def start_run_dir(out: Path, identity: dict, overwrite: bool) -> None:
+    """Create the run folder of a fresh run (replacing a run there when ``overwrite``)
+    and write its ``config.json``: the first write of a run."""
+    if overwrite and out.is_dir():
+        remove_run(out)
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(identity, indent=2))
 
 
 def remove_run(out: Path) -> None:

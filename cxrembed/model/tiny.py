@@ -4,45 +4,26 @@ second, for tests and the demo.
 Same shape of interface as ViT-B-32 where it matters to cxrembed: 224×224 input, patch 32
 (7×7 tokens + class token), a 512-d joint space (so the paper's 512-512-256-14 head fits
 unchanged), enough visual blocks (4) for the default ``--unfreeze 3`` to leave one frozen,
-and a text tower with CLIP's tokenizer and 77-token context. Use it with
-``pretrained="none"``; there are no published weights.
+2 attention heads of width 32, average pooling, and a text tower with CLIP's tokenizer
+(vocabulary 49,408) and 77-token context. Use it with ``pretrained="none"``; there are
+no published weights.
+
+The architecture is ``configs/cxr-tiny.json`` (package data), registered the way open_clip
+registers its own: through its public ``add_model_config``.
 """
 
 from __future__ import annotations
 
-from copy import deepcopy
+from pathlib import Path
 
 TINY_NAME = "cxr-tiny"
-
-TINY_CONFIG: dict = {
-    "embed_dim": 512,
-    "vision_cfg": {
-        "image_size": 224,
-        "patch_size": 32,
-        "width": 64,
-        "layers": 4,
-        "head_width": 32,  # 2 attention heads
-        "mlp_ratio": 4.0,
-        "pool_type": "avg",
-    },
-    "text_cfg": {
-        "context_length": 77,
-        "vocab_size": 49408,  # CLIP's BPE vocabulary, so the real tokenizer works
-        "width": 64,
-        "heads": 2,
-        "layers": 2,
-    },
-}
+#: The architecture file, shipped with the package.
+TINY_CONFIG_FILE = Path(__file__).with_name("configs") / f"{TINY_NAME}.json"
 
 
 def register_tiny() -> None:
-    """Make ``open_clip.create_model("cxr-tiny")`` work (idempotent).
+    """Make ``open_clip.create_model("cxr-tiny")`` work (idempotent)."""
+    import open_clip
 
-    open_clip's public ``add_model_config`` only reads JSON files from disk; writing one at
-    import time (or shipping it as package data) buys nothing over entering the dict in
-    its registry directly, which is what ``add_model_config`` ends up doing.
-    """
-    from open_clip import factory
-
-    if TINY_NAME not in factory._MODEL_CONFIGS:
-        factory._MODEL_CONFIGS[TINY_NAME] = deepcopy(TINY_CONFIG)
+    if TINY_NAME not in open_clip.list_models():
+        open_clip.add_model_config(TINY_CONFIG_FILE)

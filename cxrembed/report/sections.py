@@ -59,8 +59,10 @@ def inputs_section(found: list[tuple[str, str]], ignored: list[tuple[Any, str]],
 
 
 def steps_section(demo: dict[str, Any]) -> str:
+    from cxrembed.demo import format_step_time  # "reused (...)" for a step a rerun skipped
+
     steps = "".join(f"<tr><td>{esc(s['name'])}</td><td style='white-space:nowrap'>"
-                    f"{s['seconds']:.1f} s</td>"
+                    f"{esc(format_step_time(s))}</td>"
                     f"<td style='text-align:left'><code>{esc(s.get('command', ''))}</code></td>"
                     "</tr>" for s in demo.get("steps", []))
     if not steps:
