@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from cxrembed.errors import ConfigError  # noqa: E402
-from cxrembed.serve import (ServeLimits, bind, create_app, is_loopback,  # noqa: E402
-                            open_service)
-from cxrembed.store import EmbeddingStore  # noqa: E402
+from cxrembed.errors import ConfigError
+from cxrembed.serve import ServeLimits, bind, create_app, is_loopback, open_service
+from cxrembed.store import EmbeddingStore
 
 CXREMBED = shutil.which("cxrembed") or str(Path(sys.executable).with_name("cxrembed"))
 LOCAL = "http://127.0.0.1"
