@@ -187,13 +187,16 @@ def test_health_is_measured_stored_and_warns_on_collapse(nih, reference, tmp_pat
     assert "collapsed" in caplog.text
 
 
-def test_stage_seconds_in_the_result_and_per_batch_with_verbose(nih, tmp_path,  # noqa: F811
-                                                               fake_module):
+def test_stage_seconds_in_the_result(nih, tmp_path, fake_module):  # noqa: F811
     result = encode(nih, tmp_path / "s.h5", fake_module.FakeEncoder(), index=None)
     stages = result.stage_seconds
     assert stages["batches"] == 15 and stages["images"] == 120
     assert min(stages["read"], stages["infer"], stages["write"]) >= 0
-    assert stages["infer"] > 0
+    assert stages["infer"] > 0 and stages["write"] > 0
+
+
+@pytest.mark.slow
+def test_per_batch_stage_seconds_with_verbose(nih, tmp_path):  # noqa: F811
     cmd = [sys.executable, "-m", "cxrembed", "-v", "encode", str(nih.root), "--out",
            str(tmp_path / "v.h5"), "--model", "cxr-tiny", "--pretrained", "none", "--limit",
            "24", "--batch-size", "8", "--index", "none", "--no-progress"]

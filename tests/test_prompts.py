@@ -130,6 +130,7 @@ def plain_store(tiny_twin, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pairs", "templates"])
 def test_every_prompts_option_reads_the_same_file_alike(kind, prompt_files, tiny_twin,
                                                         plain_store, tmp_path):
@@ -163,6 +164,7 @@ def test_every_prompts_option_reads_the_same_file_alike(kind, prompt_files, tiny
     assert {k: (v[0], v[1]) for k, v in used.items()} == expected
 
 
+@pytest.mark.slow
 def test_every_prompts_option_refuses_a_bad_file_alike(prompt_files, tiny_twin, plain_store,
                                                        tmp_path):
     from cxrembed.cli import app
