@@ -440,3 +440,19 @@ def _zs(w):
 
     x = w["x"] / np.linalg.norm(w["x"], axis=1, keepdims=True)
     return make_head("zeroshot", text=w["text"], label_names=NAMES5).predict(x)
+
+
+def test_class_supply_counts_what_shot_orders_can_draw_with_unknown_labels():
+    """The supply the sweep checks shot counts against is exactly the length of each
+    class's draw order, also when some labels are unknown (masked)."""
+    from cxrembed.fewshot.sampling import class_supply, seeded_rng, shot_orders
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((300, 4)) < 0.2).astype(np.uint8)
+    known = rng.random((300, 4)) > 0.3
+    split = np.where(rng.random(300) < 0.7, "train", "val")
+    names = ["A", "B", "C", "D"]
+    supply = class_supply(labels, split, "train", True, names, known)
+    orders = shot_orders(labels, np.flatnonzero(split == "train"), seeded_rng(0), True, known)
+    assert list(supply.values()) == [len(o) for o in orders]
+    assert supply != class_supply(labels, split, "train", True, names)  # the mask matters

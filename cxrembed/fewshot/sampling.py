@@ -70,16 +70,24 @@ def sample_shots(labels: np.ndarray, split: np.ndarray, shots: int | Sequence[in
 
 
 def class_supply(labels: np.ndarray, split: np.ndarray, split_name: str = "train",
-                 no_finding: bool = True, names: Sequence[str] | None = None
-                 ) -> dict[str, int]:
+                 no_finding: bool = True, names: Sequence[str] | None = None,
+                 known: np.ndarray | None = None) -> dict[str, int]:
     """Candidates per class in ``split_name`` (and "No Finding" when drawn): the most
-    shots each class can give. ``names``: the label names (default: NIH's 14)."""
+    shots each class can give, counted as :func:`shot_orders` draws them (with ``known``,
+    only known positives, and "No Finding" only where every label is known).
+    ``names``: the label names (default: NIH's 14)."""
     from cxrembed.labels import LABELS, NO_FINDING
 
-    sub = np.asarray(labels)[np.asarray(split).astype(str) == split_name]
-    supply = {name: int(n) for name, n in zip(names or LABELS, sub.sum(axis=0))}
+    rows = np.asarray(split).astype(str) == split_name
+    sub = np.asarray(labels)[rows]
+    if known is not None:
+        sure = np.asarray(known, dtype=bool)[rows]
+        positive, none = (sub == 1) & sure, sure.all(axis=1) & (sub.sum(axis=1) == 0)
+    else:
+        positive, none = sub == 1, sub.sum(axis=1) == 0
+    supply = {name: int(n) for name, n in zip(names or LABELS, positive.sum(axis=0))}
     if no_finding:
-        supply[NO_FINDING] = int((sub.sum(axis=1) == 0).sum())
+        supply[NO_FINDING] = int(none.sum())
     return supply
 
 
