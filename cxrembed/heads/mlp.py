@@ -19,7 +19,7 @@ copies at each step). Each member has its own data, initialisation, shuffling an
 stream, its own AdamW state and step count, and its own early stop: a member's training
 does not depend on who it is batched with (up to float rounding of batched products).
 ``fit`` is ``fit_many`` with one member; :meth:`MLPHead.predict_many` scores several heads
-in one pass (their first layers as one wide product). ``device="cuda"`` runs both on a GPU
+on one input. ``device="cuda"`` runs both on a GPU
 (random draws stay on the CPU generators, so a seed draws the same shuffles and masks).
 """
 
@@ -74,21 +74,16 @@ class _Stacked:
 
     def forward(self, x: Any, dropout: Any = None, params: dict[str, Any] | None = None
                 ) -> Any:
-        """``x`` (S, B, D), or (B, D) shared by every member -> logits (S, B, C) with
-        ``params`` (default: all members); ``dropout(shape, p)`` gives keep masks (None:
-        eval mode)."""
+        """``x`` (S, B, D) -> logits (S, B, C) with ``params`` (default: all members);
+        ``dropout(shape, p)`` gives keep masks (None: eval mode)."""
         import torch
         import torch.nn.functional as F
 
         p = self.params if params is None else params
         for kind, layer, index in self.layers:
             if kind == "Linear":
-                weight, bias = p[f"{index}.weight"], p[f"{index}.bias"]
-                if x.dim() == 2:  # shared input: one wide product for every member
-                    out = F.linear(x, weight.reshape(-1, weight.shape[-1]), bias.reshape(-1))
-                    x = out.view(len(x), len(weight), -1).transpose(0, 1)
-                else:
-                    x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+                x = torch.baddbmm(p[f"{index}.bias"].unsqueeze(1), x,
+                                  p[f"{index}.weight"].transpose(1, 2))
             elif kind == "LayerNorm":
                 x = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
                 x = x * p[f"{index}.weight"].unsqueeze(1) + p[f"{index}.bias"].unsqueeze(1)
@@ -240,8 +235,9 @@ class MLPHead:
 
     @classmethod
     def predict_many(cls, heads: list["MLPHead"], X: Any) -> list[np.ndarray]:
-        """Every head's ``(n, 14)`` logits on the same ``X``, in one stacked pass: the first
-        layer of every head is one wide matrix product."""
+        """Every head's ``(n, 14)`` logits on the same ``X`` (checked and moved to the
+        device once). Each head runs as its own module: measured against one stacked pass
+        (the first layers as one wide product), this was faster on the CPU."""
         import torch
 
         if any(h.module is None for h in heads):
@@ -249,14 +245,16 @@ class MLPHead:
         X, _ = check_xy(X)
         config = heads[0].config
         device = torch_device(config.device)
-        stack = _Stacked([h.module for h in heads], device)
-        rows = max(1, config.predict_batch // len(heads))  # bounds the (S, rows, 512) memory
-        out = np.empty((len(heads), len(X), heads[0].module[-1].out_features))
+        rows = config.predict_batch
+        chunks = [torch.from_numpy(X[start:start + rows]).to(device)
+                  for start in range(0, len(X), rows)]
+        out = []
         with torch.no_grad():
-            for start in range(0, len(X), rows):
-                x = torch.from_numpy(X[start:start + rows]).to(device)
-                out[:, start:start + len(x)] = stack.forward(x).double().cpu().numpy()
-        return list(out)
+            for head in heads:
+                module = head.module.to(device)
+                out.append(np.concatenate([module(x).double().cpu().numpy() for x in chunks]))
+                head.module = module.cpu()
+        return out
 
 
 class _Trainer:
