@@ -165,7 +165,7 @@ class MLPHead:
         """The head, initialised from this head's seed (a fork of torch's global RNG)."""
         import torch
 
-        from cxrembed.model.head import MLPHead as PaperHead
+        from cxrembed.model.head import DiagnosisHead as PaperHead
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
