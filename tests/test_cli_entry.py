@@ -299,6 +299,7 @@ def test_import_cxrembed_leaves_the_environment_alone():
     assert out.stdout.strip() == "PASSIVE", out.stderr
 
 
+@pytest.mark.slow
 def test_montage_leaves_the_matplotlib_backend_alone(tmp_path):
     code = f"""
 import sys, matplotlib

@@ -151,6 +151,7 @@ def test_cli_says_when_shots_are_short_and_refuses_too_many(world, tmp_path):
     assert load_result(tmp_path / "f")["source"]["shortfall"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_cuda_without_a_gpu_before_any_work(world, tmp_path):
     import torch
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from cxrembed import __version__
 from cxrembed.errors import StoreError
+from cxrembed.files import atomic_write_text
 from cxrembed.labels import LABELS
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
                                    ROW_FIELDS, decode_strings, encode_strings, read_attrs)
@@ -64,10 +65,8 @@ def _read_sidecar(path: Path, rows_done: int) -> dict[int, str]:
 
 
 def _write_sidecar(path: Path, skipped: dict[int, str]) -> None:
-    tmp = _sidecar(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({str(r): why for r, why in sorted(skipped.items())}, indent=1),
-                   encoding="utf-8")
-    os.replace(tmp, _sidecar(path))
+    atomic_write_text(_sidecar(path),
+                      json.dumps({str(r): why for r, why in sorted(skipped.items())}, indent=1))
 
 
 class StoreWriter:
