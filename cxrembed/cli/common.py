@@ -26,6 +26,8 @@ app = typer.Typer(
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130  # usage errors exit with click's own code, 2
 #: Commands that continue where they stopped when run again, without a --resume option.
 RESUME_BY_RERUNNING = {"cache", "demo", "predict"}
+#: Commands that run until Ctrl-C: stopping them so is their normal end (exit 0).
+STOPPED_BY_CTRL_C = {"serve"}
 
 
 def run_guarded(app: typer.Typer) -> None:
@@ -42,17 +44,26 @@ def run_guarded(app: typer.Typer) -> None:
         code = _run(app)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-    if sigint.received or code == EXIT_INTERRUPTED:
+    interrupted = sigint.received or code == EXIT_INTERRUPTED
+    if interrupted and _command(app, sys.argv[1:]) in STOPPED_BY_CTRL_C:
+        code = 0  # the command said it stopped; Ctrl-C is how a server is stopped
+    elif interrupted:
         console.print(f"[yellow]interrupted[/]: {_resume_hint(app, sys.argv[1:])}",
                       highlight=False)
         code = EXIT_INTERRUPTED
     sys.exit(code)
 
 
+def _command(app: typer.Typer, args: list[str]) -> str | None:
+    """The name of the subcommand on the command line, if any."""
+    group = typer.main.get_command(app)
+    return next((a for a in args if a in getattr(group, "commands", {})), None)
+
+
 def _resume_hint(app: typer.Typer, args: list[str]) -> str:
     """What to run to continue the interrupted command."""
     group = typer.main.get_command(app)
-    name = next((a for a in args if a in getattr(group, "commands", {})), None)
+    name = _command(app, args)
     if name is None:
         return "nothing was finished"
     options = {opt for param in group.commands[name].params for opt in param.opts}
