@@ -255,7 +255,9 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     adapt_config = AdaptConfig.from_dict({
         **overrides, "view": config.view, "val_fraction": config.split_val_fraction,
         "split_seed": config.split_seed, "allow_missing": config.allow_missing})
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
+    # --val-fraction is among the data options already (data_args): not twice.
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()
+                     if k != "val_fraction")
     run_dir = out / "adapt"
     result = steps.run("domain adaptation", f"cxrembed adapt {data_args} --out {run_dir} "
                        f"--pixel-cache {pixels} {flags}",

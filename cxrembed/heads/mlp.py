@@ -1,6 +1,6 @@
 """The paper's few-shot head: its MLP trained on the shots alone (the encoder stays fixed).
 
-Architecture: :class:`cxrembed.model.head.MLPHead` (Linear 512-512, LayerNorm, GELU,
+Architecture: :class:`cxrembed.model.head.DiagnosisHead` (Linear 512-512, LayerNorm, GELU,
 Dropout 0.3, Linear 512-256, LayerNorm, GELU, Dropout 0.2, Linear 256-14, Kaiming normal),
 reused, not copied: its layers are read from the module and run as given. Trained with BCE
 on logits, batch 16, AdamW, on the *raw* embeddings (the adapted head's input).

@@ -49,4 +49,3 @@ class DiagnosisHead(nn.Sequential):
 
 #: The former name, kept while ``cxrembed.heads.mlp`` still imports it (another helper's
 #: file); not exported by :mod:`cxrembed.model`. Use :class:`DiagnosisHead`.
-MLPHead = DiagnosisHead
