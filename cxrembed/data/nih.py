@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import io
 import logging
 import os
 from pathlib import Path
@@ -34,6 +33,7 @@ from cxrembed.errors import DataError
 from cxrembed.labels import LABELS, parse_finding_labels
 from cxrembed.data.splits import split_train_val_by_patient, check_patient_disjoint
 from cxrembed.data.table import MISSING_POLICIES, ImageTable
+from cxrembed.data.tabular import open_text, parse_age
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +106,10 @@ def read_list(path: Path) -> list[str]:
     return [n for n in names if n]
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _parse_age(cell: str) -> float:
-    # Early releases wrote ages as "058Y"; later ones as plain integers.
-    cell = cell.strip().rstrip("YyMmDd")
-    try:
-        return float(cell)
-    except ValueError:
-        return float("nan")
-
-
 def read_metadata(path: Path) -> dict[str, np.ndarray]:
     """Parse ``Data_Entry_2017*.csv`` (plain or gzip) into row-aligned arrays."""
     try:
-        with _open_text(path) as f:
+        with open_text(path) as f:
             reader = csv.reader(f)
             try:
                 header = next(reader)
@@ -172,7 +157,7 @@ def read_metadata(path: Path) -> dict[str, np.ndarray]:
         "follow_up": follow_arr,
         "labels": labels,
         "view": np.array([v.strip().upper() for v in view], dtype=str),
-        "age": np.array([_parse_age(a) for a in age], dtype=np.float32),
+        "age": np.array([parse_age(a) for a in age], dtype=np.float32),
         "sex": np.array([s.strip().upper() for s in sex], dtype=str),
     }
 
