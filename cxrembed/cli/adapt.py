@@ -19,8 +19,8 @@ from rich.table import Table
 
 from cxrembed.adapt.config import AdaptConfig
 from cxrembed.adapt.result import AdaptStart
-from cxrembed.cli.common import (CsvOpt, DataArg, TestListOpt, TrainValListOpt, app, console,
-                                 print_json)
+from cxrembed.cli.common import (CsvOpt, DataArg, JsonOpt, NoProgressOpt, TestListOpt,
+                                 TrainValListOpt, app, console, print_json)
 from cxrembed.labels import LABELS
 
 _HINTS = typing.get_type_hints(AdaptConfig)
@@ -68,8 +68,8 @@ def adapt(
     csv: CsvOpt = None,
     train_val_list: TrainValListOpt = None,
     test_list: TestListOpt = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    no_progress: NoProgressOpt = False,
+    json_out: JsonOpt = False,
     **config_values: Any,
 ) -> None:
     """Adapt CLIP to chest X-rays: top visual blocks + MLP head, selected on val, test once."""
