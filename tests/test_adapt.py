@@ -162,10 +162,14 @@ def test_adapted_checkpoint_loads_as_encoder_and_refuses_mismatch(small, tmp_pat
         load(model="ViT-B-32", checkpoint=tmp_path / "run")
     with pytest.raises(ModelError, match="drop --pretrained"):
         load(pretrained="openai", checkpoint=tmp_path / "run")
-    # A run folder whose label order differs from this cxrembed's is refused.
+    # The head's outputs are read by the names the run recorded, in its order; names that
+    # do not fit the head's outputs are refused.
     meta["labels"] = list(reversed(LABELS))
     (tmp_path / "run/model.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="label order"):
+    assert load(checkpoint=tmp_path / "run").label_names == list(reversed(LABELS))
+    meta["labels"] = list(LABELS[:13])
+    (tmp_path / "run/model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="13 labels|for a head of 14 outputs"):
         load(checkpoint=tmp_path / "run")
     meta["labels"] = list(LABELS)
     meta["sha256"] = "0" * 64
@@ -399,8 +403,8 @@ def _falling_val_auc(monkeypatch) -> None:
 
     real, calls = loop.auc_report, []
 
-    def falling(labels, scores):
-        aucs, _, undefined = real(labels, scores)
+    def falling(labels, scores, *mask_and_names):
+        aucs, _, undefined = real(labels, scores, *mask_and_names)
         calls.append(1)
         return aucs, 0.8 - 0.01 * (len(calls) - 1), undefined
 

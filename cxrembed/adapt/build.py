@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxrembed.adapt.config import AdaptConfig
+from cxrembed.labels import NUM_CLASSES
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +42,11 @@ class Training:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def build_model(clip: torch.nn.Module, config: AdaptConfig) -> AdaptedCLIP:
-    """CLIP with its top ``config.unfreeze`` blocks trainable and a fresh head whose init
-    depends on ``config.seed`` only."""
+def build_model(clip: torch.nn.Module, config: AdaptConfig, num_classes: int = NUM_CLASSES
+                ) -> AdaptedCLIP:
+    """CLIP with its top ``config.unfreeze`` blocks trainable and a fresh head of
+    ``num_classes`` outputs (the dataset's label set) whose init depends on
+    ``config.seed`` only."""
     import torch
 
     from cxrembed.model import AdaptedCLIP, DiagnosisHead
@@ -51,7 +54,8 @@ def build_model(clip: torch.nn.Module, config: AdaptConfig) -> AdaptedCLIP:
     torch.manual_seed(config.seed)
     proj = clip.visual.proj
     head = DiagnosisHead(dropout=(config.head_dropout1, config.head_dropout2),
-                         in_dim=int(proj.shape[1]) if proj is not None else 512)
+                         in_dim=int(proj.shape[1]) if proj is not None else 512,
+                         num_classes=num_classes)
     return AdaptedCLIP(clip, head, config.unfreeze)
 
 
@@ -66,14 +70,16 @@ def wrap_for_training(model: AdaptedCLIP, config: AdaptConfig, device: torch.dev
 
 
 def build_training(clip: torch.nn.Module, config: AdaptConfig, device: torch.device,
-                   train_labels: np.ndarray) -> Training:
-    """Model, AdamW (encoder and head groups), ReduceLROnPlateau on val AUC, the loss's
-    positive weights (from the train split only, when ``config.class_weights``)."""
+                   train_labels: np.ndarray, train_known: np.ndarray | None = None
+                   ) -> Training:
+    """Model (one head output per column of ``train_labels``), AdamW (encoder and head
+    groups), ReduceLROnPlateau on val AUC, the loss's positive weights (from the train
+    split's known labels only, when ``config.class_weights``)."""
     import torch
 
     from cxrembed.model import count_trainable
 
-    model = build_model(clip, config)
+    model = build_model(clip, config, int(train_labels.shape[1]))
     trainable = count_trainable(model)
     log.info("%s, unfreeze %d: %s trainable parameters", config.model, config.unfreeze,
              f"{trainable:,}")
@@ -88,5 +94,5 @@ def build_training(clip: torch.nn.Module, config: AdaptConfig, device: torch.dev
     if config.class_weights:
         from cxrembed.model.loss import train_pos_weight
 
-        pos_weight = torch.from_numpy(train_pos_weight(train_labels)).to(device)
+        pos_weight = torch.from_numpy(train_pos_weight(train_labels, train_known)).to(device)
     return Training(model, forward, optimizer, scheduler, pos_weight, trainable)

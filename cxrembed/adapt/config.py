@@ -78,8 +78,10 @@ class AdaptConfig:
     aug_contrast: float = _opt(0.2, "contrast jitter, ±")
     aug_saturation: float = _opt(0.1, "saturation jitter (no effect on gray images)")
     # data
-    view: str = _opt("all", "views to use: all, PA or AP")
-    val_fraction: float = _opt(0.1, "share of train_val patients held out for val")
+    view: str = _opt("all", "views to use: all, frontal, lateral, or view values "
+                     "comma-separated (PA,AP)")
+    val_fraction: float = _opt(0.1, "share of train_val patients held out for val (where the "
+                               "collection ships no val split)")
     split_seed: int = _opt(7, "seed of the patient-level train/val split")
     allow_missing: bool = _opt(False, "continue with the images present when some are missing")
     # speed (no effect on the result, except compile and amp on CUDA)
@@ -161,7 +163,8 @@ class AdaptConfig:
             ("aug_scale_min", 0 < self.aug_scale_min <= self.aug_scale_max,
              "in (0, aug_scale_max]"),
             ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)"),
-            ("view", self.view in ("all", "PA", "AP"), "all, PA or AP"),
+            ("view", isinstance(self.view, str) and bool(self.view.strip()),
+             "all, frontal, lateral or view values such as PA,AP"),
             ("workers", self.workers is None or self.workers >= 0, ">= 0"),
         ]
         for name, ok, expected in checks:

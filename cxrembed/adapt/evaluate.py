@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,53 +19,66 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def auc_report(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float, list[str]]:
-    """Per-class AUC (NaN where undefined), their mean over defined classes, the undefined."""
+def auc_report(labels: np.ndarray, scores: np.ndarray, known: np.ndarray | None = None,
+               names: Sequence[str] = LABELS) -> tuple[np.ndarray, float, list[str]]:
+    """Per-class AUC on the known labels of each class (NaN where undefined: no positive or
+    no negative among them), their mean over the defined classes, the undefined ones.
+
+    Unknown labels (``known`` False) are left out of their class, never counted as
+    negatives; this is how val selects the best epoch and how test is scored.
+    """
     from cxrembed.metrics import mean_auc, per_class_auc
 
-    aucs = per_class_auc(labels, scores, names=LABELS, warn=False)
-    undefined = [LABELS[i] for i in np.flatnonzero(np.isnan(aucs))]
+    aucs = per_class_auc(labels, scores, names=names, warn=False, known=known)
+    undefined = [names[i] for i in np.flatnonzero(np.isnan(aucs))]
     return aucs, mean_auc(aucs, warn=False), undefined
 
 
-def auc_dict(aucs: np.ndarray) -> dict[str, float | None]:
+def auc_dict(aucs: np.ndarray, names: Sequence[str] = LABELS) -> dict[str, float | None]:
     """``{class: AUC}`` rounded for JSON, None where undefined."""
-    return {name: (None if math.isnan(a) else round(float(a), 6)) for name, a in zip(LABELS, aucs)}
+    return {name: (None if math.isnan(a) else round(float(a), 6)) for name, a in zip(names, aucs)}
 
 
-def undefined_classes(labels: np.ndarray) -> list[str]:
-    """Classes with no positives or no negatives among ``labels`` rows (AUC undefined)."""
-    pos = labels.sum(axis=0)
-    return [LABELS[i] for i in np.flatnonzero((pos == 0) | (pos == len(labels)))]
+def undefined_classes(labels: np.ndarray, known: np.ndarray | None = None,
+                      names: Sequence[str] = LABELS) -> list[str]:
+    """Classes with no positives or no negatives among the known labels of ``labels`` rows
+    (their AUC is undefined)."""
+    known = np.ones(labels.shape, bool) if known is None else np.asarray(known, dtype=bool)
+    pos = (np.asarray(labels, dtype=bool) & known).sum(axis=0)
+    return [names[i] for i in np.flatnonzero((pos == 0) | (pos == known.sum(axis=0)))]
 
 
 class RowBatches:
-    """Batch ``i`` = (uint8 images, float labels) of a fixed list of row batches (a
-    map-style dataset for ``DataLoader(batch_size=None)``)."""
+    """Batch ``i`` = (uint8 images, float labels, bool known) of a fixed list of row
+    batches (a map-style dataset for ``DataLoader(batch_size=None)``); ``known`` None:
+    every label known."""
 
-    def __init__(self, source: Any, labels: np.ndarray, batches: list[np.ndarray]) -> None:
+    def __init__(self, source: Any, labels: np.ndarray, batches: list[np.ndarray],
+                 known: np.ndarray | None = None) -> None:
         self.source, self.labels, self.batches = source, labels, batches
+        self.known = np.ones(labels.shape, bool) if known is None else known
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         import torch
 
         rows = self.batches[i]
         return (torch.from_numpy(self.source.read(rows)),
-                torch.from_numpy(self.labels[rows].astype(np.float32)))
+                torch.from_numpy(self.labels[rows].astype(np.float32)),
+                torch.from_numpy(np.ascontiguousarray(self.known[rows], dtype=bool)))
 
 
 def batch_loader(source: Any, labels: np.ndarray, batches: list[np.ndarray], workers: int,
-                 cuda: bool) -> torch.utils.data.DataLoader:
+                 cuda: bool, known: np.ndarray | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over fixed row batches (the order is decided by the caller)."""
     import torch
 
     kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": cuda, "batch_size": None}
     if workers:
         kwargs.update(prefetch_factor=4, persistent_workers=False)
-    return torch.utils.data.DataLoader(RowBatches(source, labels, batches), **kwargs)
+    return torch.utils.data.DataLoader(RowBatches(source, labels, batches, known), **kwargs)
 
 
 def prepare_input(x: torch.Tensor, config: AdaptConfig, device: torch.device) -> torch.Tensor:
@@ -88,7 +102,8 @@ def autocast(config: AdaptConfig, device: torch.device):
 def evaluate_split(model: torch.nn.Module, source: Any, labels: np.ndarray, rows: np.ndarray,
                    split: str, config: AdaptConfig, device: torch.device,
                    progress: bool = False) -> np.ndarray:
-    """Head logits (float32, rows × 14) of ``rows``; ``split`` names the bar and the log."""
+    """Head logits (float32, rows × classes) of ``rows``; ``split`` names the bar and the
+    log."""
     import torch
 
     from cxrembed.data.transforms import to_clip_tensor
@@ -100,10 +115,10 @@ def evaluate_split(model: torch.nn.Module, source: Any, labels: np.ndarray, rows
     model.eval()
     loader = batch_loader(source, labels, batches, config.loader_workers, device.type == "cuda")
     with torch.inference_mode(), progress_bar(len(rows), f"{split}", enabled=progress) as advance:
-        for images, _ in loader:
+        for images, *_ in loader:
             x = prepare_input(to_clip_tensor(images, device=device), config, device)
             with autocast(config, device):
                 out.append(model(x).float().cpu())
             advance(len(images))
     log.debug("evaluated %d %s images", len(rows), split)
-    return torch.cat(out).numpy() if out else np.zeros((0, len(LABELS)), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, labels.shape[1]), np.float32)

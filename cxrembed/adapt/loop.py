@@ -23,6 +23,7 @@ from cxrembed.adapt.config import AdaptConfig
 from cxrembed.adapt.evaluate import (auc_dict, auc_report, autocast, batch_loader,
                                      evaluate_split, prepare_input)
 from cxrembed.errors import ConfigError
+from cxrembed.labels import LABELS
 
 if TYPE_CHECKING:
     import torch
@@ -38,11 +39,14 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class EpochData:
-    """What every epoch reads: the image source, the label matrix, the rows per split."""
+    """What every epoch reads: the image source, the label matrix, the rows per split, and
+    which labels are known (None: all; unknown ones get no loss and no AUC weight)."""
 
     source: Any
     labels: np.ndarray
     rows: dict[str, np.ndarray]
+    known: np.ndarray | None = None
+    label_names: tuple[str, ...] = LABELS
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -75,7 +79,7 @@ def _augmenter(config: AdaptConfig) -> Callable | None:
 
 
 def _train_step(training: Training, config: AdaptConfig, dev: torch.device, x: torch.Tensor,
-                targets: torch.Tensor, where: str) -> torch.Tensor:
+                targets: torch.Tensor, known: torch.Tensor, where: str) -> torch.Tensor:
     import torch
 
     from cxrembed.model.loss import focal_bce_with_logits
@@ -83,7 +87,8 @@ def _train_step(training: Training, config: AdaptConfig, dev: torch.device, x: t
     with autocast(config, dev):
         logits = training.forward(prepare_input(x, config, dev))
     loss = focal_bce_with_logits(logits, targets, alpha=config.focal_alpha,
-                                 gamma=config.focal_gamma, pos_weight=training.pos_weight)
+                                 gamma=config.focal_gamma, pos_weight=training.pos_weight,
+                                 known=known)
     if not torch.isfinite(loss):
         raise ConfigError(f"the loss became {loss.item()} at {where}; lower --lr-encoder / "
                           "--lr-head")
@@ -112,15 +117,17 @@ def train_epoch(training: Training, config: AdaptConfig, dev: torch.device, data
     training.model.train()
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
     loader = batch_loader(data.source, data.labels, batches, config.loader_workers,
-                          dev.type == "cuda")
+                          dev.type == "cuda", data.known)
     total = sum(len(b) for b in batches)
     with progress_bar(total, f"epoch {epoch}/{config.epochs}", enabled=progress) as advance:
-        for step, (images, targets) in enumerate(loader, start=1):
+        for step, (images, targets, known) in enumerate(loader, start=1):
             images = images.to(dev, non_blocking=True)
             targets = targets.to(dev, non_blocking=True)
+            known = known.to(dev, non_blocking=True)
             x = augment(images, generator=generator) if augment is not None else \
                 to_clip_tensor(images, device=dev)
-            loss = _train_step(training, config, dev, x, targets, f"epoch {epoch}, step {step}")
+            loss = _train_step(training, config, dev, x, targets, known,
+                               f"epoch {epoch}, step {step}")
             loss_sum += loss.item() * len(images)
             seen += len(images)
             advance(len(images), loss=loss_sum / seen)
@@ -144,6 +151,7 @@ def run_epochs(training: Training, state: RunState, config: AdaptConfig, dev: to
                on_step: Callable[[int, int], None] | None) -> None:
     """Train until ``config.epochs`` or early stopping, committing after every epoch."""
     val_labels = data.labels[data.rows["val"]]
+    val_known = None if data.known is None else data.known[data.rows["val"]]
     while state.epochs_done < config.epochs and not state.stopped_early:
         epoch = state.epochs_done + 1
         optimizer = training.optimizer
@@ -151,9 +159,9 @@ def run_epochs(training: Training, state: RunState, config: AdaptConfig, dev: to
         loss, seen, seconds = train_epoch(training, config, dev, data, epoch, progress, on_step)
         scores = evaluate_split(training.forward, data.source, data.labels, data.rows["val"],
                                 "val", config, dev, progress)
-        aucs, mean, _ = auc_report(val_labels, scores)
+        aucs, mean, _ = auc_report(val_labels, scores, val_known, data.label_names)
         training.scheduler.step(mean)
-        record = {"epoch": epoch, "train_loss": loss, "val_auc": auc_dict(aucs),
+        record = {"epoch": epoch, "train_loss": loss, "val_auc": auc_dict(aucs, data.label_names),
                   "val_mean_auc": mean, "lr": lrs, "images_per_s": seen / seconds,
                   "train_seconds": seconds}
         state.end_epoch(training.model, optimizer, training.scheduler, record,

@@ -45,6 +45,10 @@ class AdaptResult:
     #: "stopped early at epoch 6 of 10: no val AUC gain for 5 epochs ..." or None.
     stop_reason: str | None = None
     epochs: int | None = None  # the configured maximum
+    #: the head's classes (the dataset's own, in order) and the collection they come from;
+    #: None in a summary written before cxrembed recorded them (NIH's 14)
+    label_names: list[str] | None = None
+    dataset: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -18,18 +18,31 @@ from cxrembed.data.splits import SPLITS
 from cxrembed.errors import DataError
 from cxrembed.labels import LABELS
 
+
 log = logging.getLogger(__name__)
 
 
+def label_set(dataset: Any) -> tuple[tuple[str, ...], np.ndarray]:
+    """The dataset's label names and its known-label mask (all known when it has none)."""
+    names = tuple(getattr(dataset, "label_names", None) or LABELS)
+    known = getattr(dataset, "label_known", None)
+    return names, (np.ones(dataset.labels.shape, bool) if known is None
+                   else np.asarray(known, dtype=bool))
+
+
 def _load_dataset(data: Any, config: AdaptConfig, csv_path: Any, train_val_list: Any,
-                  test_list: Any) -> Any:
-    from cxrembed.data.nih import load_nih
+                  test_list: Any, data_options: dict[str, Any] | None) -> Any:
+    """Any collection :func:`cxrembed.data.load_dataset` reads (``data_options``: its
+    ``dataset`` and reader options such as ``uncertain`` or the csv columns)."""
+    from cxrembed.data import load_dataset
 
     if not isinstance(data, (str, os.PathLike)):
         return data
-    return load_nih(data, csv_path=csv_path, train_val_list=train_val_list, test_list=test_list,
-                    view=config.view, val_fraction=config.val_fraction, seed=config.split_seed,
-                    missing="drop" if config.allow_missing else "error")
+    options = dict(data_options or {})
+    return load_dataset(data, options.pop("dataset", "auto"), csv_path=csv_path,
+                        train_val_list=train_val_list, test_list=test_list, view=config.view,
+                        val_fraction=config.val_fraction, seed=config.split_seed,
+                        missing="drop" if config.allow_missing else "error", **options)
 
 
 def _check_splits(dataset: Any) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
@@ -40,14 +53,21 @@ def _check_splits(dataset: Any) -> tuple[dict[str, np.ndarray], dict[str, list[s
         if not len(rows[split]):
             raise DataError(f"the {split} split is empty ({len(dataset)} images in all); adapt "
                             "needs train and val images")
-    undefined = {s: undefined_classes(dataset.labels[rows[s]]) for s in ("val", "test")}
-    if len(undefined["val"]) == len(LABELS):
+    names, known = label_set(dataset)
+    undefined = {s: undefined_classes(dataset.labels[rows[s]], known[rows[s]], names)
+                 for s in ("val", "test")}
+    if not known[rows["val"]].all():
+        log.info("val AUC (selection, scheduler, early stop) leaves unknown labels out of "
+                 "their class (%d of %d val labels unknown), as test AUC does",
+                 int((~known[rows["val"]]).sum()), known[rows["val"]].size)
+    if len(undefined["val"]) == len(names):
         raise DataError("no class has both positives and negatives in val: val AUC is undefined "
                         "for every class, so nothing can be selected; use more images or a "
                         "larger --val-fraction")
     if undefined["val"]:
-        log.warning("val has no positives (or no negatives) of %s: their AUC is undefined and "
-                    "left out of the mean used for selection", ", ".join(undefined["val"]))
+        log.warning("val has no positives (or no negatives) among the known labels of %s: "
+                    "their AUC is undefined and left out of the val mean used for selection "
+                    "(as test leaves such classes out of its mean)", ", ".join(undefined["val"]))
     return rows, undefined
 
 
@@ -57,12 +77,15 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
           trust_pickle: bool = False, csv_path: str | os.PathLike | None = None,
           train_val_list: str | os.PathLike | None = None,
           test_list: str | os.PathLike | None = None,
+          data_options: dict[str, Any] | None = None,
           on_start: Callable[[AdaptStart], None] | None = None,
           on_step: Callable[[int, int], None] | None = None) -> AdaptResult:
     """Adapt CLIP to the dataset and write the run folder ``out`` (see :mod:`cxrembed.adapt`).
 
     Args:
-        data: an NIH data folder, or an already loaded :class:`~cxrembed.data.nih.NIHDataset`.
+        data: a data folder of any collection :func:`cxrembed.data.load_dataset` reads
+            (NIH, CheXpert, MIMIC, PadChest, a CSV, class folders), or an already loaded
+            :class:`~cxrembed.data.ImageTable`. The head has one output per label of it.
         config: hyper-parameters (default: the paper's).
         pixel_cache: a pixel cache of the dataset (no PNG decoding per epoch).
         resume: continue the run in ``out`` (or return its result when finished).
@@ -70,6 +93,8 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
         device: ``cuda``, ``cpu``, ... (default: CUDA when available).
         trust_pickle: allow a weights file with pickled objects (see cxrembed.model).
         csv_path, train_val_list, test_list: copies elsewhere of the official files.
+        data_options: ``dataset`` (default ``auto``) and reader options (``uncertain``,
+            ``blank``, ``test_fraction``, the csv columns ...) for a folder ``data``.
         on_start: called once training is set up, with an :class:`AdaptStart`.
         on_step: called as ``on_step(epoch, step)`` after every optimiser step.
     """
@@ -86,11 +111,11 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     check_model_name(config.model)
     out = Path(out)
     dev = resolve_device(device)
-    dataset = _load_dataset(data, config, csv_path, train_val_list, test_list)
+    dataset = _load_dataset(data, config, csv_path, train_val_list, test_list, data_options)
     rows, undefined = _check_splits(dataset)
     source_images = ImageSource(dataset, pixel_cache)
     source_images.read(rows["train"][:1])  # an unreadable image or cache fails here, not later
-    folder = check_run_folder(out, config, dataset, resume, overwrite)
+    folder = check_run_folder(out, config, dataset, resume, overwrite, data_options)
     if folder.finished:
         log.info("%s is complete; returning its result", out)
         return AdaptResult.from_summary(out)
@@ -98,11 +123,13 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     # Weights are the same every time; the head's init depends on the seed only.
     clip, source = create_clip(config.model, config.pretrained, trust_pickle=trust_pickle,
                                quick_gelu=config.quick_gelu)
-    training = build_training(clip, config, dev, dataset.labels[rows["train"]])
+    names, known = label_set(dataset)
+    training = build_training(clip, config, dev, dataset.labels[rows["train"]],
+                              known[rows["train"]])
     base = source.fingerprint()
     begin_run(folder, base, str(config.pretrained))  # the first write of the run
     state = restore_state(folder, training)
-    data_for_epochs = EpochData(source_images, dataset.labels, rows)
+    data_for_epochs = EpochData(source_images, dataset.labels, rows, known, names)
     if on_start is not None:
         on_start(AdaptStart(
             model=config.model, weights=source.describe(), device=str(dev),
@@ -117,6 +144,8 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     if len(rows["test"]):
         test_scores = evaluate_split(training.forward, source_images, dataset.labels,
                                      rows["test"], "test", config, dev, progress)
+    test = rows["test"] if test_scores is not None else None
     return finish_run(out, training, config, base, state, undefined,
-                      dataset.labels[rows["test"]] if test_scores is not None else None,
-                      test_scores)
+                      None if test is None else dataset.labels[test], test_scores,
+                      label_names=names, vocabulary=getattr(dataset, "dataset", "nih"),
+                      test_known=None if test is None else known[test])

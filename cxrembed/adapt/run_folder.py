@@ -52,12 +52,18 @@ class RunFolder:
 
 
 def check_run_folder(out: Path, config: AdaptConfig, dataset: Any, resume: bool,
-                     overwrite: bool) -> RunFolder:
-    """Refuse a folder holding another run, or this run without ``resume``; read only."""
+                     overwrite: bool, data_options: dict[str, Any] | None = None) -> RunFolder:
+    """Refuse a folder holding another run, or this run without ``resume``; read only.
+
+    The identity recorded in ``config.json`` names the collection (``dataset``), its label
+    set (``label_names``: the head's outputs, in order) and the reader options given."""
     from cxrembed.model.run_state import check_run_dir, data_identity, read_progress
 
     identity = {"config": config.to_dict(), "data": data_identity(dataset),
-                "data_root": str(dataset.root), "cxrembed_version": __version__}
+                "data_root": str(dataset.root), "cxrembed_version": __version__,
+                "dataset": getattr(dataset, "dataset", "nih"),
+                "label_names": list(getattr(dataset, "label_names", None) or LABELS),
+                "data_options": dict(data_options or {})}
     saved = check_run_dir(out, identity, resume, overwrite, AdaptConfig.RESUMABLE)
     progress = read_progress(out / "state") if saved is not None else None
     folder = RunFolder(out, identity, saved, progress, overwrite)
@@ -103,27 +109,32 @@ def restore_state(folder: RunFolder, training: Training) -> RunState:
 
 
 def _test_figures(test_labels: np.ndarray | None, test_scores: np.ndarray | None,
-                  undefined: list[str]) -> tuple[dict[str, float | None], float | None]:
+                  undefined: list[str], test_known: np.ndarray | None, names: tuple[str, ...]
+                  ) -> tuple[dict[str, float | None], float | None]:
     if test_scores is None:
         log.warning("the test split is empty: no test AUC")
-        return {name: None for name in LABELS}, None
-    aucs, mean, _ = auc_report(test_labels, test_scores)
+        return {name: None for name in names}, None
+    aucs, mean, _ = auc_report(test_labels, test_scores, test_known, names)
     if undefined:
-        log.warning("test has no positives (or no negatives) of %s: their AUC is undefined "
-                    "and left out of the mean", ", ".join(undefined))
-    return auc_dict(aucs), None if math.isnan(mean) else mean
+        log.warning("test has no positives (or no negatives) among the known labels of %s: "
+                    "their AUC is undefined and left out of the mean", ", ".join(undefined))
+    return auc_dict(aucs, names), None if math.isnan(mean) else mean
 
 
 def finish_run(out: Path, training: Training, config: AdaptConfig, base: dict, state: RunState,
                undefined: dict, test_labels: np.ndarray | None,
-               test_scores: np.ndarray | None) -> AdaptResult:
-    """Write the test line, the adapted model, summary.json; mark the state complete."""
+               test_scores: np.ndarray | None, *, label_names: tuple[str, ...] = LABELS,
+               vocabulary: str = "nih", test_known: np.ndarray | None = None
+               ) -> AdaptResult:
+    """Write the test line, the adapted model (its head's label names and vocabulary in
+    model.json), summary.json; mark the state complete."""
     from cxrembed.adapt.loop import early_stop_message
     from cxrembed.model.adapted import save_adapted
     from cxrembed.files import atomic_write_text
     from cxrembed.model.run_state import append_jsonl
 
-    test_auc, test_mean = _test_figures(test_labels, test_scores, undefined["test"])
+    test_auc, test_mean = _test_figures(test_labels, test_scores, undefined["test"],
+                                        test_known, tuple(label_names))
     stop_reason = early_stop_message(state, config) if state.stopped_early else None
     append_jsonl(out / "metrics.jsonl", {"split": "test", "best_epoch": state.best_epoch,
                                           "test_auc": test_auc, "test_mean_auc": test_mean,
@@ -134,8 +145,10 @@ def finish_run(out: Path, training: Training, config: AdaptConfig, base: dict, s
                          trainable_params=training.trainable_params,
                          val_auc=best["val_auc"], val_mean_auc=best["val_mean_auc"],
                          test_auc=test_auc, test_mean_auc=test_mean, undefined=undefined,
-                         history=state.history, stop_reason=stop_reason, epochs=config.epochs)
+                         history=state.history, stop_reason=stop_reason, epochs=config.epochs,
+                         label_names=list(label_names), dataset=vocabulary)
     save_adapted(out, training.model, model_name=config.model, base_weights=base,
+                 label_names=label_names, vocabulary=vocabulary,
                  extra={"best_epoch": state.best_epoch, "val_mean_auc": best["val_mean_auc"],
                         "test_mean_auc": test_mean, "trainable_params": training.trainable_params,
                         "cxrembed_version": __version__})

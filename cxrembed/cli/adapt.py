@@ -19,8 +19,9 @@ from rich.table import Table
 
 from cxrembed.adapt.config import AdaptConfig
 from cxrembed.adapt.result import AdaptStart
-from cxrembed.cli.common import (CsvOpt, DataArg, JsonOpt, NoProgressOpt, TestListOpt,
-                                 TrainValListOpt, app, console, print_json)
+from cxrembed.cli.common import (CsvOpt, DataArg, JsonOpt, NoProgressOpt, ReaderOptions,
+                                 TestListOpt, TrainValListOpt, app, console, print_json,
+                                 reader_options)
 from cxrembed.labels import LABELS
 
 _HINTS = typing.get_type_hints(AdaptConfig)
@@ -70,9 +71,13 @@ def adapt(
     test_list: TestListOpt = None,
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
+    source: ReaderOptions = None,
     **config_values: Any,
 ) -> None:
-    """Adapt CLIP to chest X-rays: top visual blocks + MLP head, selected on val, test once."""
+    """Adapt CLIP to chest X-rays: top visual blocks + MLP head, selected on val, test once.
+
+    DATA may be any collection (--dataset); the head has one output per class of it, and
+    unknown labels (--uncertain ignore) count in neither the loss nor val/test AUC."""
     from cxrembed.adapt import adapt as run_adapt
 
     given = {k: v for k, v in config_values.items() if v is not None}
@@ -92,7 +97,8 @@ def adapt(
     result = run_adapt(data, out, config, pixel_cache=pixel_cache, resume=resume,
                        overwrite=overwrite, device=device, progress=not no_progress,
                        trust_pickle=trust_pickle, csv_path=csv, train_val_list=train_val_list,
-                       test_list=test_list, on_start=started)
+                       test_list=test_list, data_options=data_options(source),
+                       on_start=started)
     if json_out:
         print_json(result.to_dict())
         return
@@ -109,7 +115,7 @@ def _show_result(result: Any) -> None:
     table.add_column("class")
     table.add_column("val AUC", justify="right")
     table.add_column("test AUC", justify="right")
-    for name in LABELS:
+    for name in result.label_names or LABELS:
         table.add_row(name, _fmt(result.val_auc.get(name)), _fmt(result.test_auc.get(name)))
     table.add_section()
     table.add_row("[bold]mean[/]", f"[bold]{_fmt(result.val_mean_auc)}[/]",
@@ -125,9 +131,17 @@ def _show_result(result: Any) -> None:
                   f"{Path(result.out) / 'model.safetensors'}")
 
 
+def data_options(source: ReaderOptions | None) -> dict[str, Any]:
+    """The reader options given (``dataset`` and those set), as the library takes them."""
+    source = source or ReaderOptions()
+    return {"dataset": source.dataset,
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in source.options().items()
+               if v is not None}}
+
+
 # typer reads the signature: replace **config_values by one keyword option per field.
 _signature = inspect.signature(adapt, eval_str=True)
 adapt.__signature__ = _signature.replace(parameters=[
     p for p in _signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
 ] + _config_options())
-app.command()(adapt)
+app.command()(reader_options(adapt))

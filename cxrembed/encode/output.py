@@ -110,7 +110,9 @@ def encoder_attrs(encoder: Any) -> dict[str, Any]:
             "weights_source": str(getattr(source, "name", "") or ""),
             "weights_sha256": str(getattr(source, "sha256", "") or ""),
             "run": str(getattr(encoder, "run", None) or ""),
-            "load_args": _absolute_paths(load_args) if isinstance(load_args, dict) else None}
+            "load_args": _absolute_paths(load_args) if isinstance(load_args, dict) else None,
+            # the collection naming the head's classes (a label map matches on it)
+            "head_vocabulary": getattr(encoder, "vocabulary", None) or ""}
 
 
 def _absolute_paths(args: dict) -> dict:

@@ -136,9 +136,11 @@ class EvalData:
             label_names=tuple(store.label_names), known=store.label_known,
             head_label_names=tuple(store.head_label_names) if store.has_head else None,
             vocabulary=store.dataset,
-            head_vocabulary=("nih" if list(store.head_label_names) == list(LABELS)
-                             else store.dataset),
-            source={"store": str(store.path), "model": store.attrs.get("model_name"),
+            head_vocabulary=(store.attrs.get("head_vocabulary")
+                             or ("nih" if list(store.head_label_names) == list(LABELS)
+                                 else store.dataset)),
+            source={"store": str(store.path), "dataset": store.dataset,
+                    "model": store.attrs.get("model_name"),
                     "run": store.run, "rows": len(store), "fingerprint": store.fingerprint,
                     "prompts": used})
 

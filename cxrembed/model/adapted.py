@@ -8,7 +8,8 @@ An adapted checkpoint is two files in the run folder:
     epoch's weights.
 ``model.json``
     what is needed to rebuild it and to refuse a mismatched use: format, architecture,
-    QuickGELU, the base weights' fingerprint, unfreeze depth, head shape, label order,
+    QuickGELU, the base weights' fingerprint, unfreeze depth, head shape, label names (the
+    training data's own classes, in the head's order) and their vocabulary,
     preprocessing, the SHA-256 of ``model.safetensors``, and the run's selection figures.
 """
 
@@ -97,8 +98,17 @@ def head_config(head: DiagnosisHead) -> dict:
 
 
 def save_adapted(run_dir: str | os.PathLike, model: AdaptedCLIP, *, model_name: str,
-                 base_weights: dict, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` into ``run_dir`` (atomically)."""
+                 base_weights: dict, extra: dict | None = None,
+                 label_names: tuple[str, ...] | list[str] = LABELS, vocabulary: str = "nih"
+                 ) -> Path:
+    """Write ``model.safetensors`` + ``model.json`` into ``run_dir`` (atomically).
+
+    ``label_names`` are the head's outputs in order (the training data's own classes) and
+    ``vocabulary`` the collection they are named in (``nih``, ``chexpert``, a CSV's ...):
+    what an encode writes beside the logits and a label map matches against."""
+    if len(label_names) != model.head.num_classes:
+        raise ModelError(f"{len(label_names)} label names for a head of "
+                         f"{model.head.num_classes} outputs")
     run_dir = Path(run_dir)
     tensors = {f"clip.{k}": v.detach().to("cpu").contiguous().clone()
                for k, v in model.clip.state_dict().items()}
@@ -114,7 +124,8 @@ def save_adapted(run_dir: str | os.PathLike, model: AdaptedCLIP, *, model_name: 
         "unfreeze": model.unfreeze,
         "embed_dim": model.head.in_dim,
         "head": head_config(model.head),
-        "labels": list(LABELS),
+        "labels": list(label_names),
+        "vocabulary": vocabulary,
         "preprocessing": PREPROCESSING,
         "sha256": sha256_file(run_dir / MODEL_FILE),
         **(extra or {}),
@@ -140,9 +151,13 @@ def read_adapted_meta(run_dir: str | os.PathLike) -> dict:
         raise ModelError(f"{meta_path} is not an adapted-encoder checkpoint of format "
                          f"{CHECKPOINT_FORMAT} (kind {meta.get('kind')!r}, format "
                          f"{meta.get('format')!r}); re-run `cxrembed adapt` with this version")
-    if meta.get("labels") != list(LABELS):
-        raise ModelError(f"{run_dir} was adapted with label order {meta.get('labels')}; this "
-                         f"cxrembed uses {list(LABELS)}: its head logits would be misread")
+    labels = meta.get("labels")
+    outputs = (meta.get("head") or {}).get("num_classes")
+    if (not isinstance(labels, list) or not all(isinstance(n, str) and n for n in labels)
+            or len(labels) != outputs):
+        raise ModelError(f"{meta_path} names labels {labels!r} for a head of {outputs} "
+                         "outputs: its head logits would be misread; re-run `cxrembed adapt`")
+    meta.setdefault("vocabulary", "nih" if labels == list(LABELS) else None)
     if meta.get("preprocessing") != PREPROCESSING:
         raise ModelError(f"{run_dir} was adapted with preprocessing {meta.get('preprocessing')}; "
                          f"this cxrembed uses {PREPROCESSING}: embeddings would not match")

@@ -40,8 +40,9 @@ class Encoder:
 
     def __init__(self, clip: nn.Module, *, model_name: str, source: WeightsSource,
                  weights: dict, head: DiagnosisHead | None = None, unfreeze: int | None = None,
-                 run: str | None = None, device: str | torch.device = "cpu", amp: bool = True
-                 ) -> None:
+                 run: str | None = None, device: str | torch.device = "cpu", amp: bool = True,
+                 label_names: list[str] | tuple[str, ...] | None = None,
+                 vocabulary: str | None = None) -> None:
         self.device = torch.device(device)
         self.model_name = model_name
         #: Where the weights came from (kind "tag" / "file" / "none" / "run").
@@ -65,12 +66,16 @@ class Encoder:
             hasattr(clip, "text") or hasattr(clip, "token_embedding"))
         self.has_head = self.head is not None
         self.unfreeze = unfreeze
+        #: The adapted head's classes, in the order of its logits (the data it was adapted
+        #: on); None without a head. ``vocabulary``: the collection naming them (nih, ...).
+        self.label_names = (list(label_names or LABELS) if self.has_head else None)
+        self.vocabulary = (vocabulary or "nih") if self.has_head else None
         self.fingerprint = {
             "model": model_name,
             "weights": weights,
             "unfreeze": unfreeze,
             "preprocessing": PREPROCESSING,
-            "labels": list(LABELS),
+            "labels": list(self.label_names or LABELS),
         }
         self._tokenizer = None
 
@@ -101,7 +106,8 @@ class Encoder:
 
     @torch.inference_mode()
     def head_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """B×D unnormalised embeddings -> B×14 logits of the adapted head (LABELS order)."""
+        """B×D unnormalised embeddings -> B×C logits of the adapted head (``label_names``
+        order)."""
         if self.head is None:
             raise ModelError(f"encoder {self.model_name} has no adapted head; load it with "
                              "checkpoint=RUN (the folder of `cxrembed adapt`)")
@@ -172,7 +178,8 @@ def load_encoder(model: str | None = None, pretrained: str | os.PathLike | None 
                            bool(meta["quick_gelu"]), "recorded in the run's model.json")
     return Encoder(adapted.clip, model_name=meta["model"], source=source, weights=weights,
                    head=adapted.head, unfreeze=int(meta["unfreeze"]), run=str(Path(checkpoint)),
-                   device=device, amp=amp)
+                   device=device, amp=amp, label_names=meta["labels"],
+                   vocabulary=meta.get("vocabulary"))
 
 
 def _same_base(pretrained: str, base: dict) -> bool:

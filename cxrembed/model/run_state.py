@@ -192,11 +192,22 @@ class RunState:
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:
-    """What makes two datasets the same for a run: rows, splits and labels (not paths)."""
+    """What makes two datasets the same for a run: rows, splits and labels (not paths).
+
+    The known-label mask and the label names count only where they differ from NIH's (some
+    label unknown, another label set), so an NIH identity is what it always was."""
+    from cxrembed.labels import LABELS
+
     digest = hashlib.sha256()
     for arr in (dataset.image_id.astype(str), dataset.split.astype(str)):
         digest.update("\n".join(arr.tolist()).encode())
     digest.update(np.ascontiguousarray(dataset.labels).tobytes())
+    known = getattr(dataset, "label_known", None)
+    if known is not None and not np.all(known):  # e.g. --uncertain ignore against zeros
+        digest.update(np.packbits(np.asarray(known, dtype=bool)).tobytes())
+    names = list(getattr(dataset, "label_names", None) or LABELS)
+    if names != list(LABELS):
+        digest.update("\n".join(names).encode())
     counts = {s: int((dataset.split == s).sum()) for s in SPLITS}
     return {"images": int(len(dataset)), "splits": counts, "sha256": digest.hexdigest()}
 
