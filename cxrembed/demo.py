@@ -410,6 +410,7 @@ def _searches(store_path: Path, dataset: Any, out: Path, count: int, pixels: Pat
             "title": f"test image {image_id}: its 5 nearest train images of other patients",
             "query": {"image_id": image_id, "labels": labels},
             "neighbours": [h.to_dict() for h in hits],
+            "centring": hits.centring.to_dict(),
             "montage": f"search/{image_id.removesuffix('.png')}.png"})
         needed[image_id] = row
         for h in hits:

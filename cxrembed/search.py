@@ -5,6 +5,12 @@ inner product (cosine). The FAISS index beside the store answers when there is o
 (exact ``flat`` by default); without one, an exact scan of the store in blocks does.
 Filters (split, the query's own patient) are applied inside the search, so ``k`` results
 are returned whenever ``k`` images pass them.
+
+Centring (``centre``: auto | on | off; :mod:`cxrembed.store.centring`): stored vectors and
+queries alike have the store's mean vector subtracted and are re-normalised; ``auto``
+follows the figure measured on the store when it was encoded. The index beside the store
+holds vectors in one of the two spaces: a search in the other scans the store exactly
+(``--index auto``, with a warning) or is refused (``--index index``).
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +26,10 @@ import numpy as np
 
 from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError, DataError, StoreError
+from cxrembed.montage import save_montage, stored_image_path  # noqa: F401 (re-exported)
 from cxrembed.store import (EmbeddingStore, LoadedIndex, check_same_encoder, has_index,
                             load_index, search_index)
+from cxrembed.store.centring import CENTRE_CHOICES, Centring, resolve_centring
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,36 @@ class SearchHit:
     def to_dict(self) -> dict:
         # Shallow (dataclasses.asdict deep-copies: a tenth of a served query's time).
         return {**vars(self), "labels": list(self.labels)}
+
+
+@dataclass
+class SearchResult:
+    """A query, its neighbours, and how similarity was measured (centred or not).
+
+    Iterating over it (or ``len``, ``[i]``) goes over the hits."""
+
+    query: Query
+    hits: list[SearchHit]
+    centring: Centring
+
+    def __iter__(self):
+        return iter(self.hits)
+
+    def __len__(self) -> int:
+        return len(self.hits)
+
+    def __getitem__(self, i: int) -> SearchHit:
+        return self.hits[i]
+
+    def to_dict(self) -> dict:
+        """What ``cxrembed search --json`` prints and ``/api/search`` answers."""
+        return {"query": query_dict(self.query), "centring": self.centring.to_dict(),
+                "hits": [hit.to_dict() for hit in self.hits]}
+
+
+def query_dict(query: Query) -> dict:
+    return {"kind": query.kind, "value": query.value, "row": query.row,
+            "patient_id": query.patient_id}
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,8 +174,10 @@ def _allowed_mask(store: EmbeddingStore, split: str | None, exclude_rows: list[i
 
 
 def exact_scan(store: EmbeddingStore, queries: np.ndarray, k: int,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` by inner product, reading the store in blocks (no index needed).
+               allowed: np.ndarray | None = None, centring: Centring | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product, reading the store in blocks (no index needed);
+    ``centring`` transforms each block of stored vectors (queries come transformed).
 
     Returns similarities and rows ``(q, k)``, row -1 where fewer than ``k`` rows pass.
     """
@@ -149,6 +188,8 @@ def exact_scan(store: EmbeddingStore, queries: np.ndarray, k: int,
     for start in range(0, len(store), SCAN_BLOCK):
         stop = min(len(store), start + SCAN_BLOCK)
         block = store.embeddings(np.arange(start, stop))
+        if centring is not None:
+            block = centring.apply(block)
         sims = queries @ block.T
         if allowed is not None:
             sims[:, ~allowed[start:stop]] = -np.inf
@@ -169,8 +210,8 @@ def exact_scan(store: EmbeddingStore, queries: np.ndarray, k: int,
 def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
                    split: str | None = None, exclude_rows: list[list[int]] | None = None,
                    exclude_patients: list[int | None] | None = None, index: str = "auto",
-                   index_params: dict | None = None, loaded_index: LoadedIndex | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   index_params: dict | None = None, loaded_index: LoadedIndex | None = None,
+                   centre: str | Centring = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` stored rows for each unit query vector ``(q, D)``.
 
     Args:
@@ -180,6 +221,9 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
             ``index`` (the saved index, StoreError when absent) or ``exact``.
         index_params: search-time parameters of an approximate index (``nprobe``,
             ``efSearch``); the ones saved with it otherwise.
+        centre: ``auto`` | ``on`` | ``off``, or a resolved :class:`Centring`: queries and
+            stored vectors are centred alike (similarities are then cosines of centred
+            vectors).
     Returns similarities and rows, ``(q, k)`` each; row -1 where fewer than ``k`` pass.
     """
     if index not in INDEX_CHOICES:
@@ -191,6 +235,8 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
     if not 1 <= k <= len(store):
         raise ConfigError(f"-k {k}: must be between 1 and the {len(store)} images of store "
                           f"{store.path}")
+    centring = resolve_centring(store, centre)
+    queries = centring.apply(queries)
     q = len(queries)
     exclude_rows = exclude_rows or [[] for _ in range(q)]
     exclude_patients = exclude_patients or [None] * q
@@ -200,6 +246,7 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
             loaded = load_index(store)  # a broken or stale index is an error, not skipped
         elif index == "auto":
             log.info("no index beside %s: exact scan", store.path)
+    loaded = usable_index(store, loaded, centring, index)
     params = {**(loaded.info.params if loaded else {}), **(index_params or {})}
     masks = [_allowed_mask(store, split, rows, patient)
              for rows, patient in zip(exclude_rows, exclude_patients)]
@@ -207,7 +254,7 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
     def run(batch: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if loaded is not None:
             return search_index(loaded.index, batch, k, allowed=mask, params=params)
-        return exact_scan(store, batch, k, allowed=mask)
+        return exact_scan(store, batch, k, allowed=mask, centring=centring)
 
     first = masks[0]
     if all(m is None for m in masks) or (first is not None and all(
@@ -219,6 +266,25 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
         s, r = run(queries[i:i + 1], mask)
         sims[i], found[i] = s[0], r[0]
     return sims, found
+
+
+def usable_index(store: EmbeddingStore, loaded: LoadedIndex | None, centring: Centring,
+               index: str) -> LoadedIndex | None:
+    """The loaded index when it holds vectors as this search transforms them; else None
+    (an exact scan) with a warning, or StoreError for ``index="index"``."""
+    if loaded is None or loaded.info.centred == centring.centred:
+        return loaded
+    held = "centred" if loaded.info.centred else "uncentred"
+    wanted = "centred" if centring.centred else "uncentred"
+    fix = (f"rebuild it with `cxrembed index {store.path} --centre "
+           f"{'on' if centring.centred else 'off'}`, or search with --centre "
+           f"{'on' if loaded.info.centred else 'off'}")
+    if index == "index":
+        raise StoreError(f"the index beside {store.path} holds {held} vectors; this search is "
+                         f"{wanted} ({centring.reason}): {fix}")
+    log.warning("the index beside %s holds %s vectors and this search is %s: scanning the "
+                "store exactly (slower); %s", store.path, held, wanted, fix)
+    return None
 
 
 def _hits(store: EmbeddingStore, sims: np.ndarray, rows: np.ndarray) -> list[SearchHit]:
@@ -241,9 +307,9 @@ def _hits(store: EmbeddingStore, sims: np.ndarray, rows: np.ndarray) -> list[Sea
 def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = None,
            image: str | os.PathLike | None = None, text: str | None = None, k: int = 10,
            split: str | None = None, exclude_same_patient: bool = False,
-           include_query: bool = False, index: str = "auto",
+           include_query: bool = False, index: str = "auto", centre: str = "auto",
            montage: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-           encoder: Any = None) -> list[SearchHit]:
+           encoder: Any = None) -> SearchResult:
     """The ``k`` stored images most similar to one query (see :func:`query_vector`).
 
     Args:
@@ -252,30 +318,35 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
             query, or an image whose NIH file name gives its patient).
         include_query: keep a stored query image itself among its neighbours.
         index: ``auto`` | ``index`` | ``exact`` (see :func:`search_vectors`).
+        centre: ``auto`` (as the store's measured figure decides) | ``on`` | ``off``.
         montage: write a PNG of the query and its neighbours, with their labels, here.
         data_root: where the images lie now, when not where they were encoded (montage).
+    Returns a :class:`SearchResult` (iterating over it gives the hits).
     """
     if isinstance(store, (str, os.PathLike)):
         with EmbeddingStore.open(store) as opened:
             return search(opened, image_id=image_id, image=image, text=text, k=k, split=split,
                           exclude_same_patient=exclude_same_patient,
-                          include_query=include_query, index=index, montage=montage,
-                          data_root=data_root, encoder=encoder)
+                          include_query=include_query, index=index, centre=centre,
+                          montage=montage, data_root=data_root, encoder=encoder)
     if not 1 <= k <= len(store):
         raise ConfigError(f"-k {k}: must be between 1 and the {len(store)} images of store "
                           f"{store.path}")
+    if not isinstance(centre, Centring) and centre not in CENTRE_CHOICES:
+        raise ConfigError(f"--centre {centre!r}: expected one of {', '.join(CENTRE_CHOICES)}")
     query = query_vector(store, image_id=image_id, image=image, text=text, encoder=encoder)
+    centring = resolve_centring(store, centre)
     hits = search_query(store, query, k, split=split, exclude_same_patient=exclude_same_patient,
-                        include_query=include_query, index=index)
+                        include_query=include_query, index=index, centre=centring)
     if montage is not None:
         save_montage(store, query, hits, montage, data_root=data_root)
-    return hits
+    return SearchResult(query, hits, centring)
 
 
 def search_query(store: EmbeddingStore, query: Query, k: int = 10, *, split: str | None = None,
                  exclude_same_patient: bool = False, include_query: bool = False,
-                 index: str = "auto", loaded_index: LoadedIndex | None = None
-                 ) -> list[SearchHit]:
+                 index: str = "auto", loaded_index: LoadedIndex | None = None,
+                 centre: str | Centring = "auto") -> list[SearchHit]:
     """The ``k`` stored images most similar to a :class:`Query` from :func:`query_vector`
     (options as in :func:`search`; ``loaded_index`` as in :func:`search_vectors`)."""
     patient = None
@@ -288,102 +359,8 @@ def search_query(store: EmbeddingStore, query: Query, k: int = 10, *, split: str
     skip = [query.row] if query.row is not None and not include_query else []
     sims, rows = search_vectors(store, query.vector[None], k, split=split, exclude_rows=[skip],
                                 exclude_patients=[patient], index=index,
-                                loaded_index=loaded_index)
+                                loaded_index=loaded_index, centre=centre)
     hits = _hits(store, sims[0], rows[0])
     if len(hits) < k:
         log.warning("only %d images pass the filters (asked for %d)", len(hits), k)
     return hits
-
-
-# ---------------------------------------------------------------------------------------
-# Montage
-
-
-def stored_image_path(store: EmbeddingStore, row: int, data_root: Path) -> Path | None:
-    """Where the image of stored ``row`` lies under ``data_root`` now (its recorded path,
-    else its id), or None. The path comes from the store only, never from a caller."""
-    rel = str(store.image_path[row])
-    candidates = [data_root / rel] if rel else []
-    candidates.append(data_root / str(store.image_id[row]))
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def _image_for(store: EmbeddingStore, row: int, data_root: Path) -> np.ndarray | None:
-    from cxrembed.data.images import decode
-
-    path = stored_image_path(store, row, data_root)
-    if path is None:
-        return None
-    try:
-        return decode(path, size=224)
-    except DataError:
-        return None
-
-
-def save_montage(store: EmbeddingStore, query: Query, hits: list[SearchHit],
-                 out: str | os.PathLike, data_root: str | os.PathLike | None = None,
-                 columns: int = 6) -> Path:
-    """One PNG: the query, then each neighbour with its similarity, id and labels.
-
-    Images are read from ``data_root`` (default: the folder they were encoded from); one
-    not found there is drawn as a grey "image not found" tile, and a warning says how many
-    and where to point ``data_root`` (``--data``).
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise ConfigError("--montage needs matplotlib: pip install matplotlib") from None
-    from cxrembed.data.images import decode
-
-    root = Path(data_root or store.attrs.get("dataset_root") or ".")
-    panels: list[tuple[np.ndarray | None, str, str]] = []
-    if query.kind == "text":
-        panels.append((None, "query (text)", query.value))
-    elif query.kind == "image":
-        panels.append((decode(query.value, size=224), "query", Path(query.value).name))
-    else:
-        names = [store.label_names[j] for j in np.flatnonzero(store.labels[query.row])]
-        panels.append((_image_for(store, query.row, root), "query",
-                       f"{query.value}\n{', '.join(names) or 'No Finding'}"))
-    for hit in hits:
-        labels = ", ".join(hit.labels) or "No Finding"
-        panels.append((_image_for(store, hit.row, root),
-                       f"#{hit.rank}  sim {hit.similarity:.4f}",
-                       f"{hit.image_id}\n{labels}"))
-    _warn_missing(panels, query, root, data_root is not None)
-    cols = max(1, min(columns, len(panels)))
-    rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(2.6 * cols, 3.1 * rows))
-    FigureCanvasAgg(fig)  # draws without pyplot: the caller's matplotlib backend is untouched
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (pixels, title, caption) in zip(axes.flat, panels):
-        ax.imshow(pixels if pixels is not None else np.full((224, 224), 215, np.uint8),
-                  cmap="gray", vmin=0, vmax=255)
-        if pixels is None:
-            note = textwrap.fill(caption, 24) if query.kind == "text" and title.startswith(
-                "query") else "image not found"
-            ax.text(0.5, 0.5, note, ha="center", va="center", fontsize=9,
-                    transform=ax.transAxes)
-        ax.set_title(title, fontsize=9, color="tab:red" if title.startswith("query") else "k")
-        ax.text(0.5, -0.02, caption, ha="center", va="top", fontsize=7, transform=ax.transAxes)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
-
-
-def _warn_missing(panels: list[tuple[np.ndarray | None, str, str]], query: Query, root: Path,
-                  root_given: bool) -> None:
-    images = panels[1:] if query.kind == "text" else panels
-    missing = sum(pixels is None for pixels, _, _ in images)
-    if not missing:
-        return
-    where = "the folder given" if root_given else "the folder the store was encoded from"
-    log.warning("montage: %d of %d images not found under %s (%s); they are drawn as "
-                "'image not found' tiles. If the images have moved, pass --data DIR "
-                "(data_root=DIR) with the folder they are in now.", missing, len(images),
-                root, where)

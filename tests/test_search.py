@@ -191,8 +191,14 @@ def test_cli_search_json_and_errors(store_path):
     result = runner.invoke(app, ["search", str(store_path), "--id", "00000001_000.png", "-k",
                                  "4", "--exclude-same-patient", "--json"])
     assert result.exit_code == 0, result.output
-    hits = json.loads(result.stdout)
+    body = json.loads(result.stdout)
+    hits = body["hits"]
     assert len(hits) == 4 and all(h["patient_id"] != 1 for h in hits)
+    assert body["query"] == {"kind": "id", "value": "00000001_000.png", "row": 0,
+                             "patient_id": 1}
+    # a store without a recorded figure: auto leaves it uncentred, and says why
+    assert body["centring"]["centred"] is False and body["centring"]["choice"] == "auto"
+    assert "records no centring figure" in body["centring"]["reason"]
     result = runner.invoke(app, ["search", str(store_path), "--id", "nope.png"])
     assert isinstance(result.exception, StoreError)
 

@@ -92,17 +92,25 @@ def test_api_results_equal_cli_search_json(client, store_path, nih):
     for args, ask in cases:
         done = run_cli("search", str(store_path), *args, "--json")
         assert done.returncode == 0, done.stderr
-        cli_hits = json.loads(done.stdout)
+        cli = json.loads(done.stdout)
         response = ask()
         assert response.status_code == 200, response.text
-        assert response.json()["hits"] == cli_hits, args
-        assert len(cli_hits) == int(args[args.index("-k") + 1])
+        api = response.json()
+        assert api["hits"] == cli["hits"], args
+        assert api["centring"] == cli["centring"], args  # centred alike, for the same reason
+        assert api["query"]["kind"] == cli["query"]["kind"]
+        assert len(cli["hits"]) == int(args[args.index("-k") + 1])
 
 
 def test_id_search_equals_numpy_top_k(client, store_path):
     with EmbeddingStore.open(store_path) as store:
         x, split, patient = store.embeddings(), store.split.copy(), store.patient_id.copy()
         ids = list(store.image_id)
+        centred = bool(store.attrs["search_centring"]["centre"])
+    if centred:  # the encode's figure chose centring: the reference centres too (numpy)
+        x = x - x.astype(np.float64).mean(axis=0)
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    assert client.get("/api/store").json()["centring"]["centred"] is centred
     for row in (0, 17, len(ids) - 1):
         for params in ({}, {"split": "test"}, {"exclude_same_patient": "1"}):
             allowed = np.ones(len(ids), bool) if "split" not in params else split == "test"

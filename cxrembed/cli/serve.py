@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cxrembed.cli.common import app, console
-from cxrembed.cli.store import StoreArg
+from cxrembed.cli.store import CentreOpt, StoreArg
 
 
 @app.command("serve")
@@ -26,6 +26,7 @@ def serve_command(
         "--data", help="Where the stored images are now, for thumbnails (default: where encoded).")] = None,
     index: Annotated[str, typer.Option(
         "--index", help="auto (saved index, else exact scan), index, or exact.")] = "auto",
+    centre: CentreOpt = "auto",
     max_upload_mb: Annotated[float, typer.Option(
         "--max-upload-mb", help="Largest image upload accepted, in MiB.")] = 32.0,
     max_k: Annotated[int, typer.Option("--max-k", help="Most neighbours one query may ask for.")] = 200,
@@ -41,14 +42,15 @@ def serve_command(
     try:
         limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_k=max_k)
         service = open_service(store, head=head, data_root=data_root, index=index,
-                               device=device, limits=limits)
+                               centre=centre, device=device, limits=limits)
     except BaseException:
         sock.close()
         raise
     summary = service.summary()
     url = url_of(sock)
     console.print(f"[green]serving[/] {store} ({summary['images']:,} images, index "
-                  f"{summary['index']['kind']}"
+                  f"{summary['index']['kind']}, "
+                  f"{'centred' if summary['centring']['centred'] else 'not centred'}"
                   + (f", head {head}" if head else "") + f") at [bold]{url}[/]"
                   + ("  (token required)" if token else "") + "; Ctrl-C stops", soft_wrap=True)
     run_server(service, sock, token=token, access_log=access_log)

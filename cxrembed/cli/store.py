@@ -14,6 +14,10 @@ from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, DeviceOpt, Js
                                  console, load_dataset, print_json, reader_options)
 from cxrembed.store.index import INDEX_KINDS
 
+CentreOpt = Annotated[str, typer.Option(
+    "--centre", "--center", help="Centre vectors for search (subtract the store's mean, "
+    "re-normalise): auto (as the figure measured on the store at encode time decides), on, "
+    "or off.")]
 
 
 @app.command()
@@ -60,6 +64,7 @@ def encode(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Leave out unreadable images (listed in the output and the "
         "store) instead of stopping at the first.")] = False,
+    centre: CentreOpt = "auto",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
     source: ReaderOptions = None,
@@ -80,7 +85,7 @@ def encode(
                             prompts=prompts, index=None if index == "none" else index,
                             workers=workers, progress=not no_progress,
                             allow_other_data=allow_other_data, skip_bad=skip_bad,
-                            append=append)
+                            append=append, centre=centre)
     if json_out:
         print_json(result.to_dict())
         return
@@ -107,6 +112,10 @@ def encode(
         console.print(f"[{style}]embedding health: mean cosine {health['mean_cosine']:.3f}, "
                       f"effective rank {health['effective_rank']:.1f} "
                       f"({health['sample_size']:,} images)[/]")
+    centring = result.search_centring
+    if centring:
+        console.print(f"[dim]search centring: {'centred' if centring['centre'] else 'not centred'}"
+                      f" ({centring['why']})[/]", highlight=False)
 
 
 @app.command("index")
@@ -121,19 +130,25 @@ def index_command(
                                                      help="hnsw: candidates per query.")] = None,
     gpu: Annotated[Optional[bool], typer.Option(
         "--gpu/--cpu", help="Build on the GPU (default: when faiss-gpu sees one).")] = None,
+    centre: CentreOpt = "auto",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """(Re)build the FAISS index beside a store: STORE.h5 -> STORE.faiss."""
-    from cxrembed.store import build_index
+    from cxrembed.store import build_index, load_index
+    from cxrembed.store.reader import EmbeddingStore
 
     given = {"nlist": nlist, "nprobe": nprobe, "M": m, "efSearch": ef_search}
     params = {key: value for key, value in given.items() if value is not None}
-    path = build_index(store, kind, params=params, gpu=gpu, progress=not no_progress)
+    path = build_index(store, kind, params=params, gpu=gpu, progress=not no_progress,
+                       centre=centre)
+    with EmbeddingStore.open(store) as opened:
+        centred = load_index(opened).info.centred
     if json_out:
-        print_json({"index": path, "kind": kind, "params": params})
+        print_json({"index": path, "kind": kind, "params": params, "centred": centred})
         return
-    console.print(f"[green]index[/] ({kind}) {path} ({path.stat().st_size / 2**20:,.1f} MiB)")
+    console.print(f"[green]index[/] ({kind}{', centred' if centred else ''}) {path} "
+                  f"({path.stat().st_size / 2**20:,.1f} MiB)")
 
 
 @app.command("search")
@@ -151,6 +166,7 @@ def search_command(
         "--include-query", help="Keep a stored query image among its own neighbours.")] = False,
     index: Annotated[str, typer.Option(
         "--index", help="auto (saved index, else exact scan), index, or exact.")] = "auto",
+    centre: CentreOpt = "auto",
     montage: Annotated[Optional[Path], typer.Option(
         "--montage", help="Save the query and its neighbours as one PNG.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(
@@ -160,12 +176,13 @@ def search_command(
     """Nearest neighbours of an image, a stored image, or a text, with labels and patient."""
     from cxrembed.search import search
 
-    hits = search(store, image=image, image_id=image_id, text=text, k=k, split=split,
-                  exclude_same_patient=exclude_same_patient, include_query=include_query,
-                  index=index, montage=montage, data_root=data_root)
+    result = search(store, image=image, image_id=image_id, text=text, k=k, split=split,
+                    exclude_same_patient=exclude_same_patient, include_query=include_query,
+                    index=index, centre=centre, montage=montage, data_root=data_root)
     if json_out:
-        print_json([hit.to_dict() for hit in hits])
+        print_json(result.to_dict())
         return
+    hits = result.hits
     query = image_id or (str(image) if image is not None else repr(text))
     table = Table(title=f"{len(hits)} nearest to {query}")
     for column, justify in (("#", "right"), ("similarity", "right"), ("image", "left"),
@@ -176,5 +193,8 @@ def search_command(
         table.add_row(str(hit.rank), f"{hit.similarity:.4f}", hit.image_id, str(hit.patient_id),
                       hit.split, hit.view, ", ".join(hit.labels) or "[dim]No Finding[/]")
     console.print(table)
+    centring = result.centring
+    console.print(f"[dim]similarity: cosine of {'centred' if centring.centred else 'uncentred'} "
+                  f"vectors ({centring.reason})[/]", highlight=False)
     if montage is not None:
         console.print(f"[green]montage[/] {montage}")

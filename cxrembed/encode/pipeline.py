@@ -50,6 +50,8 @@ class EncodeResult:
     #: read from PNGs and waited longer for decoded images than the model computed: a
     #: pixel cache (``cxrembed cache``) would feed the model faster
     decode_bound: bool = False
+    #: the figure that decides whether searches centre (``search_centring`` attribute)
+    search_centring: dict | None = None
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -113,6 +115,7 @@ def encode_dataset(
     allow_other_data: bool = False,
     skip_bad: bool = False,
     append: bool = False,
+    centre: str = "auto",
 ) -> EncodeResult:
     """Encode ``dataset`` (an :class:`~cxrembed.data.nih.NIHDataset`) into the store ``out``.
 
@@ -138,6 +141,9 @@ def encode_dataset(
             store's ``skipped_images``) instead of stopping at the first.
         append: add the selected images the finished store ``out`` lacks, after its rows
             (:mod:`cxrembed.encode.append`); resumable by running it again.
+        centre: whether the index built at the end holds centred vectors: ``auto`` (as
+            the figure measured on the store decides), ``on`` or ``off``
+            (:mod:`cxrembed.store.centring`).
     """
     from cxrembed.data.cache import ImageSource
     from cxrembed.prompts import class_prompts
@@ -152,6 +158,7 @@ def encode_dataset(
                               batch_size=batch_size, limit=limit, splits=splits,
                               workers=workers, progress=progress, skip_bad=skip_bad)
     _check_options(out, batch_size, index, resume, overwrite)
+    _check_centre(centre)
     labels = list(getattr(dataset, "label_names", None) or _nih_labels())
     text_prompts = class_prompts(prompts, labels)  # a bad file fails before the model loads
     rows = select_rows(dataset, splits, limit)
@@ -168,7 +175,7 @@ def encode_dataset(
     if out.exists() and not overwrite:
         writer, source_rows = reopen(out, encoder.fingerprint, part.image_id, part.split)
         if writer.complete:
-            return _already_complete(writer, out, index, progress)
+            return _already_complete(writer, out, index, progress, centre)
         if writer.batch_size != batch_size:
             log.warning("resuming with the first run's batch size %d (not %d) so the vectors "
                         "equal an uninterrupted run's", writer.batch_size, batch_size)
@@ -180,7 +187,7 @@ def encode_dataset(
         created = True
     try:
         return _run(writer, source, source_rows, encoder, out, batch_size, workers, index,
-                    progress, skip_bad)
+                    progress, skip_bad, centre)
     except BaseException:
         if created and writer.rows_done == 0:  # a failed start leaves nothing behind
             writer.close()
@@ -225,7 +232,7 @@ def _create_store(out: Path, part: Any, encoder: Any, text_prompts: dict, prompt
 
 def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: Path,
          batch_size: int, workers: int, index: str | None, progress: bool,
-         skip_bad: bool) -> EncodeResult:
+         skip_bad: bool, centre: str = "auto") -> EncodeResult:
     import torch
 
     from cxrembed.encode.mapper import ClipMapper
@@ -246,7 +253,8 @@ def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: P
             raise DataError(f"none of the {n} images could be read (first: "
                             f"{next(iter(writer.skipped.values()))})")
         skipped = _skipped_list(writer)
-        writer.finish({"embedding_health": health})
+        centring = _centring(writer)
+        writer.finish({"embedding_health": health, **centring})
     seconds = time.perf_counter() - began
     encoded = n - start
     log.info("encoded %d images in %.1f s (%.1f images/s; read %.1f s, infer %.1f s, write "
@@ -259,10 +267,10 @@ def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: P
     if bound:
         log.info("decode-bound: waited %.1f s for PNG decoding, %.1f s in the model; a pixel "
                  "cache (cxrembed cache) removes the decoding", stages.read, stages.infer)
-    built = _build_index(out, index, progress)
+    built = _build_index(out, index, progress, centre)
     return EncodeResult(out, built, n - len(skipped), encoded, start, seconds,
                         encoded / max(seconds, 1e-9), stages.to_dict(), health, skipped,
-                        decode_bound=bound)
+                        decode_bound=bound, search_centring=centring["search_centring"])
 
 
 def decode_bound(source: Any, stages: Any) -> bool:
@@ -280,13 +288,25 @@ def _health(writer: Any) -> dict:
     return health
 
 
+def _centring(writer: Any) -> dict:
+    """The mean vector and the figure that decide whether searches centre
+    (:mod:`cxrembed.store.centring`), over the rows kept."""
+    from cxrembed.store.centring import store_centring_attrs
+
+    kept = np.ones(writer.num_rows, dtype=bool)
+    kept[np.fromiter(writer.skipped, np.int64)] = False
+    return store_centring_attrs(writer.read_unit_block, writer.num_rows,
+                                writer.column("labels"), writer.label_known(),
+                                writer.column("patient_id"), kept)
+
+
 def _skipped_list(writer: Any) -> list[dict]:
     ids = writer.column("image_id")
     return [{"image_id": str(ids[r]), "reason": why} for r, why in sorted(writer.skipped.items())]
 
 
-def _already_complete(writer: Any, out: Path, index: str | None, progress: bool
-                      ) -> EncodeResult:
+def _already_complete(writer: Any, out: Path, index: str | None, progress: bool,
+                      centre: str = "auto") -> EncodeResult:
     from cxrembed.store import index_path
 
     attrs = writer.attrs
@@ -294,18 +314,29 @@ def _already_complete(writer: Any, out: Path, index: str | None, progress: bool
     log.info("store %s is already complete", out)
     built = None
     if index is not None and not index_path(out).exists():
-        built = _build_index(out, index, progress)
+        built = _build_index(out, index, progress, centre)
     elif index_path(out).exists():
         built = index_path(out)
     n = int(attrs["num_rows"])
     return EncodeResult(out, built, n, 0, n, 0.0, 0.0, {},
-                        attrs.get("embedding_health"), attrs.get("skipped_images") or [])
+                        attrs.get("embedding_health"), attrs.get("skipped_images") or [],
+                        search_centring=attrs.get("search_centring"))
 
 
-def _build_index(out: Path, index: str | None, progress: bool) -> Path | None:
+def _build_index(out: Path, index: str | None, progress: bool, centre: str = "auto"
+                 ) -> Path | None:
     from cxrembed.store import build_index
 
-    return build_index(out, index, progress=progress) if index is not None else None
+    if index is None:
+        return None
+    return build_index(out, index, progress=progress, centre=centre)
+
+
+def _check_centre(centre: str) -> None:
+    from cxrembed.store.centring import CENTRE_CHOICES
+
+    if centre not in CENTRE_CHOICES:
+        raise ConfigError(f"--centre {centre!r}: expected one of {', '.join(CENTRE_CHOICES)}")
 
 
 def _preprocessing() -> dict:

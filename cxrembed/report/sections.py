@@ -268,5 +268,17 @@ def search_section(searches: list[dict[str, Any]], thumbs: dict[str, str]) -> st
                             f"<span class=sub>patient {n['patient_id']}</span>")
                        for i, n in enumerate(s["neighbours"]))
         blocks.append(f"<div class=card><div class=sub>{esc(s.get('title', ''))}</div>"
-                      f"<div class=grid>{query}{hits}</div></div>")
+                      f"<div class=grid>{query}{hits}</div>{_centring_note(s)}</div>")
     return "<h2>Similarity search</h2>" + "".join(blocks)
+
+
+def _centring_note(search: dict[str, Any]) -> str:
+    """How the similarities were measured: centred vectors or not, and the figure that
+    chose it (demo folders written before centring carry no record)."""
+    centring = search.get("centring")
+    if not centring:
+        return ""
+    space = "centred vectors (the store's mean subtracted, re-normalised)" if \
+        centring.get("centred") else "uncentred unit vectors"
+    return (f"<p class=note>Similarity: cosine of {space}; {esc(centring.get('reason', ''))}"
+            f" (--centre {esc(centring.get('choice', ''))}).</p>")

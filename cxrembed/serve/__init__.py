@@ -65,15 +65,16 @@ def bind(host: str = "127.0.0.1", port: int = 8000, token: str | None = None) ->
 
 def open_service(store: str | os.PathLike, *, head: str | os.PathLike | None = None,
                  data_root: str | os.PathLike | None = None, index: str = "auto",
-                 device: str = "cpu", limits: ServeLimits | None = None) -> StoreService:
+                 centre: str = "auto", device: str = "cpu",
+                 limits: ServeLimits | None = None) -> StoreService:
     """Open the store (and its index) and, with ``head`` (a ``cxrembed fit`` head folder
     or an adapt run folder), the predictor; a head fitted for the store's encoder shares
     it."""
     from cxrembed.serve.predict import load_predictor
     from cxrembed.store import check_same_encoder
 
-    service = StoreService(store, data_root=data_root, index=index, device=device,
-                           limits=limits)
+    service = StoreService(store, data_root=data_root, index=index, centre=centre,
+                           device=device, limits=limits)
     if head is not None:
         try:
             predictor = load_predictor(head, device=device)

@@ -27,7 +27,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError, StoreError
-from cxrembed.search import Query, query_vector, search_query, stored_image_path
+from cxrembed.search import (Query, query_dict, query_vector, search_query, stored_image_path,
+                             usable_index)
+from cxrembed.store.centring import resolve_centring
 from cxrembed.store import EmbeddingStore, LoadedIndex, has_index, load_index
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class StoreService:
         data_root: where the stored images lie now (thumbnails); default: where encoded.
         index: ``auto`` (the saved index when usable, else an exact scan) | ``index`` |
             ``exact``, as ``cxrembed search --index``.
+        centre: ``auto`` | ``on`` | ``off``, as ``cxrembed search --centre``: resolved
+            once, for every query.
         predictor: an object with ``describe()`` and ``predict_file(path)`` (see
             :mod:`cxrembed.serve.predict`), or None.
         device: where the encoder runs.
@@ -84,23 +88,29 @@ class StoreService:
     """
 
     def __init__(self, store: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
-                 index: str = "auto", predictor: Any = None, device: str = "cpu",
-                 limits: ServeLimits | None = None, search_threads: int | None = 1) -> None:
+                 index: str = "auto", centre: str = "auto", predictor: Any = None,
+                 device: str = "cpu", limits: ServeLimits | None = None,
+                 search_threads: int | None = 1) -> None:
         self.store = EmbeddingStore.open(store)
         self.device = device
         self.search_threads = search_threads
         self.limits = limits or ServeLimits()
         self.index_choice = index
         self.loaded_index: LoadedIndex | None = None
-        if index == "index" or (index == "auto" and has_index(self.store.path)):
-            try:  # a broken or stale index is an error, as for `cxrembed search`
-                self.loaded_index = load_index(self.store)
-            except BaseException:
-                self.store.close()
-                raise
-        elif index == "auto":
-            log.warning("no index beside %s: queries scan the whole store (slower); build "
-                        "one with `cxrembed index`", self.store.path)
+        try:
+            self.centring = resolve_centring(self.store, centre)
+            if index == "index" or (index == "auto" and has_index(self.store.path)):
+                # a broken or stale index is an error, as for `cxrembed search`
+                self.loaded_index = usable_index(self.store, load_index(self.store),
+                                                 self.centring, index)
+                if self.loaded_index is None:  # the other space: exact scans
+                    self.index_choice = "exact"
+            elif index == "auto":
+                log.warning("no index beside %s: queries scan the whole store (slower); "
+                            "build one with `cxrembed index`", self.store.path)
+        except BaseException:
+            self.store.close()
+            raise
         self.data_root = Path(data_root or self.store.attrs.get("dataset_root") or ".")
         self.predictor = predictor
         self._encoder: Any = None
@@ -128,6 +138,7 @@ class StoreService:
             "run": store.run, "text_queries": store.has_text,
             "index": {"kind": info.kind, "params": info.params} if info else
             {"kind": "exact scan", "params": {}},
+            "centring": self.centring.to_dict(),
             "labels": store.label_names,
             "examples": [str(i) for i in store.image_id[:: max(1, len(store) // 6)][:6]],
             "encoder_loaded": self._encoder is not None,
@@ -195,9 +206,9 @@ class StoreService:
             faiss.omp_set_num_threads(self.search_threads)  # per calling thread in OpenMP
         hits = search_query(self.store, query, k, split=split,
                             exclude_same_patient=exclude_same_patient,
-                            index=self.index_choice, loaded_index=self.loaded_index)
-        return {"query": {"kind": query.kind, "value": query.value, "row": query.row,
-                          "patient_id": query.patient_id},
+                            index=self.index_choice, loaded_index=self.loaded_index,
+                            centre=self.centring)
+        return {"query": query_dict(query), "centring": self.centring.to_dict(),
                 "hits": [hit.to_dict() for hit in hits]}
 
     def _row(self, image_id: str) -> int:

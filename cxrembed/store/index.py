@@ -22,6 +22,11 @@ a GPU are present (flat and ivf), saved as a CPU index, and memory-mapped when l
 opening it costs no RAM for the vectors. The ``.json`` sidecar records the kind, its
 search parameters and the store's ``uuid``: an index of another store (or of an older
 encode at the same path) is refused.
+
+Centring (:mod:`cxrembed.store.centring`): an index holds the vectors as searched, so one
+built with ``centre`` on (or ``auto`` on a store whose figure says so) holds centred,
+re-normalised vectors; the sidecar says which (``centred``; sidecars written before it
+read as not centred) and searches refuse to mix the two.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class IndexInfo:
     dim: int
     store_uuid: str = ""
     params: dict[str, Any] = field(default_factory=dict)  # nlist, nprobe, M, efSearch ...
+    centred: bool = False  # holds centred vectors (store mean subtracted, re-normalised)
+    centre: str = "off"  # the --centre asked when it was built (auto | on | off)
 
 
 @dataclass
@@ -205,37 +212,48 @@ class IndexBuilder:
 
 def build_index(store_path: str | os.PathLike, kind: str = "flat", *,
                 params: dict[str, Any] | None = None, gpu: bool | None = None,
-                progress: bool = False) -> Path:
+                progress: bool = False, centre: str = "auto") -> Path:
     """Build the index of a complete store and save it beside it; returns its path.
 
     Vectors are read from the store in blocks; the index itself (N × D float32) is held in
-    memory while it is built.
+    memory while it is built. ``centre``: auto | on | off, see
+    :func:`cxrembed.store.centring.resolve_centring`.
     """
+    faiss = _faiss()
+    index, info = _build(store_path, kind, params, gpu, progress, centre)
+    out = index_path(store_path)
+    PreparedIndex(_write_tmp(faiss, index, info, out)).commit(out)
+    log.info("%s index of %d vectors at %s%s", kind, info.ntotal, out,
+             " (centred)" if info.centred else "")
+    return out
+
+
+def _build(store_path: str | os.PathLike, kind: str, params: dict[str, Any] | None,
+           gpu: bool | None, progress: bool, centre: str) -> tuple[Any, IndexInfo]:
     from cxrembed.progress import progress_bar
+    from cxrembed.store.centring import resolve_centring
     from cxrembed.store.reader import EmbeddingStore
 
     if kind not in INDEX_KINDS:
         raise ConfigError(f"unknown index kind {kind!r}; expected one of {', '.join(INDEX_KINDS)}")
-    faiss = _faiss()
     with EmbeddingStore.open(store_path) as store:
         n = len(store)
         if n == 0:
             raise StoreError(f"store {store_path} has no rows to index")
+        centring = resolve_centring(store, centre)
         builder = IndexBuilder(kind, store.embed_dim, n, params, gpu, seed=1234)
         if builder.needs_training:
-            builder.train(store.embeddings(builder.training_rows(n)))
+            builder.train(centring.apply(store.embeddings(builder.training_rows(n))))
         with progress_bar(n, f"indexing ({kind})", enabled=progress, unit="vec") as advance:
             for start in range(0, n, ADD_BLOCK):
                 stop = min(n, start + ADD_BLOCK)
-                builder.add(store.embeddings(np.arange(start, stop)))
+                builder.add(centring.apply(store.embeddings(np.arange(start, stop))))
                 advance(stop - start)
         index = builder.finish()
         info = IndexInfo(kind=kind, ntotal=int(index.ntotal), dim=store.embed_dim,
-                         store_uuid=str(store.attrs.get("uuid", "")), params=builder.params)
-    out = index_path(store_path)
-    PreparedIndex(_write_tmp(faiss, index, info, out)).commit(out)
-    log.info("%s index of %d vectors at %s", kind, info.ntotal, out)
-    return out
+                         store_uuid=str(store.attrs.get("uuid", "")), params=builder.params,
+                         centred=centring.centred, centre=centring.choice)
+    return index, info
 
 
 def _write_tmp(faiss: Any, index: Any, info: IndexInfo, out: Path) -> Path:
@@ -278,6 +296,12 @@ def extend_index(path: Path, store_path: str | os.PathLike, start: int) -> Prepa
     if index.ntotal != start:
         raise StoreError(f"index {path} holds {index.ntotal} vectors, not the store's "
                          f"{start}: rebuild it with `cxrembed index`")
+    if info.centred or _centres(store_path, info.centre):
+        # New rows move the store's mean (and may change the auto choice): vectors centred
+        # by the old mean are not those the new store's queries meet, so it is rebuilt.
+        log.info("%s index of centred vectors: rebuilt for the new rows", info.kind)
+        index, info = _build(store_path, info.kind, info.params, None, False, info.centre)
+        return PreparedIndex(_write_tmp(faiss, index, info, path))
     with EmbeddingStore.open(store_path) as store:
         for block in range(start, len(store), ADD_BLOCK):
             stop = min(len(store), block + ADD_BLOCK)
@@ -287,6 +311,16 @@ def extend_index(path: Path, store_path: str | os.PathLike, start: int) -> Prepa
     log.info("%s index extended by %d vectors (now %d)", info.kind, info.ntotal - start,
              info.ntotal)
     return PreparedIndex(_write_tmp(faiss, index, info, path))
+
+
+def _centres(store_path: str | os.PathLike, centre: str) -> bool:
+    from cxrembed.store.centring import resolve_centring
+    from cxrembed.store.reader import EmbeddingStore
+
+    if centre == "off":
+        return False
+    with EmbeddingStore.open(store_path) as store:
+        return resolve_centring(store, centre).centred
 
 
 def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedIndex:

@@ -36,6 +36,11 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
                         a seeded sample of rows), ``effective_rank`` (exp of the entropy
                         of the normalised singular values of the centred sample),
                         ``sample_size``, ``seed``, ``collapsed`` (mean_cosine > 0.95)
+      embedding_mean    float32 (D,) (set when complete): the mean of the unit vectors of
+                        every row, subtracted by centred search (:mod:`.centring`)
+      search_centring   JSON (set when complete): the figure that decides whether search
+                        centres (``raw``, ``centred``, ``difference``, ``stderr``,
+                        ``queries``, ``centre``, ``why``; see :mod:`.centring`)
       skipped_images    JSON (set when complete): ``[{"image_id", "reason"}]``, images of
                         the selection left out (``--skip-bad``, or gone when resumed)
 
@@ -110,7 +115,8 @@ ROW_FIELDS: dict[str, str] = {
 LABEL_KNOWN = "label_known"
 #: Attributes stored as JSON strings (decoded by the reader).
 JSON_ATTRS = ("fingerprint", "preprocessing", "label_names", "dataset_sources", "selection",
-              "load_args", "head_label_names", "embedding_health", "skipped_images")
+              "load_args", "head_label_names", "embedding_health", "skipped_images",
+              "search_centring")
 NO_FINDING_KEY = "No Finding"
 
 

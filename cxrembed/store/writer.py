@@ -346,6 +346,18 @@ class StoreWriter:
         norms = self._file["embedding_norm"][rows]
         return x / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
 
+    def read_unit_block(self, start: int, stop: int) -> np.ndarray:
+        """float32 unit vectors of written rows ``start..stop-1`` (one contiguous read)."""
+        x = self._file["embedding"][start:stop].astype(np.float32)
+        norms = self._file["embedding_norm"][start:stop]
+        return x / np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
+
+    def label_known(self) -> np.ndarray:
+        """The mask of known labels of every row (all known in stores without it)."""
+        if LABEL_KNOWN in self._file:
+            return self._file[LABEL_KNOWN][:].astype(bool)
+        return np.ones(self._file["labels"].shape, dtype=bool)
+
     def _commit(self, count: int) -> None:
         emb = np.concatenate(self._buffer_emb)
         rest_emb = emb[count:]

@@ -229,7 +229,11 @@ function showStore(store) {
   $("store-info").textContent =
     `${store.store}: ${store.images.toLocaleString()} images of ` +
     `${store.patients.toLocaleString()} patients (${splits.join(", ")}) · ${store.model} · ` +
-    `index ${store.index.kind}` + (store.predictor ? ` · head ${store.predictor.source}` : "");
+    `index ${store.index.kind}` +
+    ` · ${store.centring.centred ? "centred" : "uncentred"} vectors` +
+    (store.predictor ? ` · head ${store.predictor.source}` : "");
+  $("store-info").title = `similarity: cosine of ${store.centring.centred ? "centred" :
+    "uncentred"} vectors (${store.centring.reason})`;
   $("id-examples").replaceChildren(...store.examples.map((id) => {
     const option = el("option"); option.value = id; return option;
   }));
