@@ -18,12 +18,20 @@ _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 def resolve_device(name: object = "auto") -> "torch.device":  # noqa: F821
     """``auto`` (or None): the first CUDA device when torch sees one, else the CPU.
     ``cpu``, ``cuda``, ``cuda:N``: that device; ConfigError when it is not there.
-    A ``torch.device`` is checked the same way."""
+    A ``torch.device`` is checked the same way.
+
+    Under torchrun, ``auto`` and ``cuda`` mean this process's own GPU: ``cuda:LOCAL_RANK``
+    (modulo the GPUs it sees, for launchers such as ``srun --gpus-per-task 1`` that show
+    each process only its own)."""
     import torch
+
+    from cxrembed.distributed import launch
 
     text = "auto" if name is None else str(name).strip().lower()
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and launch().distributed and torch.cuda.is_available():
+        text = f"cuda:{launch().local_rank % torch.cuda.device_count()}"
     if text == "cpu":
         return torch.device("cpu")
     match = _CUDA.match(text)

@@ -103,7 +103,30 @@ def evaluate_split(model: torch.nn.Module, source: Any, labels: np.ndarray, rows
                    split: str, config: AdaptConfig, device: torch.device,
                    progress: bool = False) -> np.ndarray:
     """Head logits (float32, rows × classes) of ``rows``; ``split`` names the bar and the
-    log."""
+    log.
+
+    Under torchrun every rank calls this with the same ``rows``: each evaluates its
+    contiguous share and every rank gets all the logits back, in ``rows`` order.
+    """
+    from cxrembed.distributed import active, gather_rows, rank_share
+
+    here = active()
+    if not here.distributed:
+        return _evaluate_rows(model, source, labels, rows, split, config, device, progress)
+    # Cut at whole eval batches: each rank runs exactly the batches one process would run,
+    # so every logit is computed as in one process (batch size changes float rounding).
+    start, stop = rank_share(len(rows), here.world_size, here.rank, config.eval_batch_size)
+    mine = _evaluate_rows(model, source, labels, rows[start:stop], split, config, device,
+                          progress and here.main)
+    positions, scores = gather_rows(np.arange(start, stop), mine)
+    out = np.empty((len(rows), scores.shape[1]), np.float32)
+    out[positions] = scores
+    return out
+
+
+def _evaluate_rows(model: torch.nn.Module, source: Any, labels: np.ndarray, rows: np.ndarray,
+                   split: str, config: AdaptConfig, device: torch.device,
+                   progress: bool) -> np.ndarray:
     import torch
 
     from cxrembed.data.transforms import to_clip_tensor

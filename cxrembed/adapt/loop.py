@@ -1,10 +1,15 @@
 """The training loop: epochs of shuffled batches, val AUC after each, a commit per epoch.
 
 Randomness is a pure function of ``(seed, epoch)`` (shuffle, augmentation draws, dropout),
-so an epoch replayed after a kill gives the same weights. Three things a distributed
-(torchrun) version changes are each in one place: the batch order (:func:`epoch_batches`),
-the model wrapping (:func:`cxrembed.adapt.build.wrap_for_training`) and the writes of the
-run folder (:func:`commit_epoch`).
+so an epoch replayed after a kill gives the same weights.
+
+Under ``torchrun`` (N processes) the run is the same run, not N smaller ones: the global
+batch stays ``batch_size`` and each rank takes a contiguous slice of it
+(:func:`rank_steps`); augmentation and dropout are drawn for the global batch and sliced
+(:mod:`cxrembed.adapt.draws`); each rank's loss is weighted by its share of the batch, so
+DDP's gradient average is the gradient of the global batch's mean loss (the last,
+shorter batch included: nothing is padded or dropped, as DistributedSampler would); only
+rank 0 writes (:func:`commit_epoch`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from cxrembed.adapt.build import Training
 from cxrembed.adapt.config import AdaptConfig
 from cxrembed.adapt.evaluate import (auc_dict, auc_report, autocast, batch_loader,
                                      evaluate_split, prepare_input)
+from cxrembed.distributed import Launch, sum_over_ranks
 from cxrembed.errors import ConfigError
 from cxrembed.labels import LABELS
 
@@ -59,6 +65,57 @@ def epoch_batches(train_rows: np.ndarray, config: AdaptConfig, epoch: int) -> li
     return [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
 
 
+@dataclass(frozen=True)
+class RankStep:
+    """One optimiser step as one rank sees it: its rows of the global batch."""
+
+    rows: np.ndarray  # dataset rows this rank trains on
+    size: int  # rows in the global batch
+    offset: int  # where ``rows`` start in it
+    share: float  # this rank's part of the batch's loss (0 for a stand-in row)
+
+
+def rank_steps(batches: list[np.ndarray], launch: Launch,
+               known: np.ndarray | None = None) -> list[RankStep]:
+    """This rank's contiguous slice of every global batch (all of it for one process).
+
+    A rank's share of the batch's loss is its share of the batch's known label cells
+    (the loss is a mean over them; all known: its share of the rows). The last batch may
+    be shorter than the others and not divisible by the number of ranks: slices then
+    differ by one row, and a rank left without a row trains on a stand-in (the batch's
+    last row) with weight 0, as every rank must take part in the gradient all-reduce.
+    """
+    cells = None if known is None else np.asarray(known, dtype=bool).sum(axis=1)
+    steps = []
+    for batch in batches:
+        parts = np.array_split(batch, launch.world_size)
+        mine = parts[launch.rank]
+        offset = sum(len(p) for p in parts[:launch.rank])
+        if not len(mine):
+            steps.append(RankStep(batch[-1:], len(batch), len(batch) - 1, 0.0))
+            continue
+        share = len(mine) / len(batch)
+        if cells is not None and cells[batch].sum() > 0:
+            share = float(cells[mine].sum() / cells[batch].sum())
+        steps.append(RankStep(mine, len(batch), offset, share))
+    return steps
+
+
+def check_global_batch(config: AdaptConfig, launch: Launch) -> None:
+    """ConfigError unless ``batch_size`` splits evenly over the ranks; logs the split."""
+    if not launch.distributed:
+        return
+    world = launch.world_size
+    if config.batch_size % world:
+        nearest = world * max(1, round(config.batch_size / world))
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch and must split evenly "
+            f"over the {world} processes of this torchrun job; use a multiple of {world}, "
+            f"e.g. {nearest}")
+    log.info("global batch %d = %d processes x %d images", config.batch_size,
+             launch.world_size, config.batch_size // launch.world_size)
+
+
 def early_stop_message(state: RunState, config: AdaptConfig) -> str:
     """``stopped early at epoch 6 of 10: no val AUC gain for 5 epochs (best 0.71 at 1)``."""
     return (f"stopped early at epoch {state.epochs_done} of {config.epochs}: no val AUC gain "
@@ -79,7 +136,10 @@ def _augmenter(config: AdaptConfig) -> Callable | None:
 
 
 def _train_step(training: Training, config: AdaptConfig, dev: torch.device, x: torch.Tensor,
-                targets: torch.Tensor, known: torch.Tensor, where: str) -> torch.Tensor:
+                targets: torch.Tensor, known: torch.Tensor, weight: float, where: str
+                ) -> torch.Tensor:
+    """One optimiser step; ``weight`` scales this rank's loss (its share of the global
+    batch times the number of ranks, since DDP averages the ranks' gradients)."""
     import torch
 
     from cxrembed.model.loss import focal_bce_with_logits
@@ -93,7 +153,7 @@ def _train_step(training: Training, config: AdaptConfig, dev: torch.device, x: t
         raise ConfigError(f"the loss became {loss.item()} at {where}; lower --lr-encoder / "
                           "--lr-head")
     training.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight if weight != 1 else loss).backward()
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(training.trainable, config.grad_clip)
     training.optimizer.step()
@@ -110,38 +170,48 @@ def train_epoch(training: Training, config: AdaptConfig, dev: torch.device, data
     from cxrembed.progress import progress_bar
 
     seed = epoch_seed(config.seed, epoch)
-    torch.manual_seed(seed)  # dropout
+    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)  # augmentation
+    if training.draws is not None:
+        training.draws.reseed(epoch_seed(seed, 1))  # dropout
     augment = _augmenter(config)
-    batches = epoch_batches(data.rows["train"], config, epoch)
+    launch = training.launch
+    steps = rank_steps(epoch_batches(data.rows["train"], config, epoch), launch, data.known)
     training.model.train()
     loss_sum, seen, start = 0.0, 0, time.perf_counter()
-    loader = batch_loader(data.source, data.labels, batches, config.loader_workers,
-                          dev.type == "cuda", data.known)
-    total = sum(len(b) for b in batches)
-    with progress_bar(total, f"epoch {epoch}/{config.epochs}", enabled=progress) as advance:
-        for step, (images, targets, known) in enumerate(loader, start=1):
+    loader = batch_loader(data.source, data.labels, [s.rows for s in steps],
+                          config.loader_workers, dev.type == "cuda", data.known)
+    total = sum(len(s.rows) for s in steps)
+    with progress_bar(total, f"epoch {epoch}/{config.epochs}",
+                      enabled=progress and launch.main) as advance:
+        for (step, (images, targets, known)), part in zip(enumerate(loader, start=1), steps):
             images = images.to(dev, non_blocking=True)
             targets = targets.to(dev, non_blocking=True)
             known = known.to(dev, non_blocking=True)
-            x = augment(images, generator=generator) if augment is not None else \
-                to_clip_tensor(images, device=dev)
+            if training.draws is not None:
+                training.draws.step(part.size, part.offset)
+            x = augment(images, generator=generator, draw=(part.size, part.offset)) \
+                if augment is not None else to_clip_tensor(images, device=dev)
             loss = _train_step(training, config, dev, x, targets, known,
-                               f"epoch {epoch}, step {step}")
-            loss_sum += loss.item() * len(images)
-            seen += len(images)
-            advance(len(images), loss=loss_sum / seen)
+                               part.share * launch.world_size, f"epoch {epoch}, step {step}")
+            # The global batch's mean loss is the sum over ranks of share x rank mean.
+            loss_sum += loss.item() * part.share * part.size
+            seen += len(images) if part.share else 0
+            advance(len(images), loss=loss_sum / max(seen, 1))
             if on_step is not None:
                 on_step(epoch, step)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return loss_sum / max(seen, 1), seen, time.perf_counter() - start
+    loss_sum, seen = sum_over_ranks([loss_sum, seen])
+    return loss_sum / max(seen, 1), int(seen), time.perf_counter() - start
 
 
 def commit_epoch(out: Path, state: RunState, training: Training, record: dict) -> None:
-    """Every write of an epoch end (on one process only, in a distributed run)."""
+    """Every write of an epoch end (by rank 0 only under torchrun)."""
     from cxrembed.model.run_state import append_jsonl
 
+    if not training.launch.main:
+        return
     state.save(out / "state", training.model, training.optimizer, training.scheduler)
     append_jsonl(out / "metrics.jsonl", record)
 
@@ -157,8 +227,8 @@ def run_epochs(training: Training, state: RunState, config: AdaptConfig, dev: to
         optimizer = training.optimizer
         lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
         loss, seen, seconds = train_epoch(training, config, dev, data, epoch, progress, on_step)
-        scores = evaluate_split(training.forward, data.source, data.labels, data.rows["val"],
-                                "val", config, dev, progress)
+        scores = evaluate_split(training.infer, data.source, data.labels, data.rows["val"],
+                                "val", config, dev, progress and training.launch.main)
         aucs, mean, _ = auc_report(val_labels, scores, val_known, data.label_names)
         training.scheduler.step(mean)
         record = {"epoch": epoch, "train_loss": loss, "val_auc": auc_dict(aucs, data.label_names),

@@ -25,6 +25,7 @@ class AdaptStart:
     train: int  # images per split
     val: int
     test: int
+    processes: int = 1  # torchrun processes training together (WORLD_SIZE)
 
 
 @dataclass

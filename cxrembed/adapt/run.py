@@ -15,6 +15,7 @@ from cxrembed.adapt.config import AdaptConfig
 from cxrembed.adapt.evaluate import evaluate_split, undefined_classes
 from cxrembed.adapt.result import AdaptResult, AdaptStart
 from cxrembed.data.splits import SPLITS
+from cxrembed.distributed import active, barrier, in_process_group
 from cxrembed.errors import DataError
 from cxrembed.labels import LABELS
 
@@ -71,6 +72,7 @@ def _check_splits(dataset: Any) -> tuple[dict[str, np.ndarray], dict[str, list[s
     return rows, undefined
 
 
+@in_process_group
 def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, *,
           pixel_cache: str | os.PathLike | None = None, resume: bool = False,
           overwrite: bool = False, device: str | None = None, progress: bool = True,
@@ -97,9 +99,13 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
             ``blank``, ``test_fraction``, the csv columns ...) for a folder ``data``.
         on_start: called once training is set up, with an :class:`AdaptStart`.
         on_step: called as ``on_step(epoch, step)`` after every optimiser step.
+
+    Under ``torchrun`` every process calls this with the same arguments: they train one
+    model with DistributedDataParallel (``config.batch_size`` is the global batch) and
+    rank 0 alone writes ``out`` (see :mod:`cxrembed.adapt.loop`).
     """
     from cxrembed.adapt.build import build_training
-    from cxrembed.adapt.loop import EpochData, run_epochs
+    from cxrembed.adapt.loop import EpochData, check_global_batch, run_epochs
     from cxrembed.adapt.run_folder import (begin_run, check_run_folder, finish_run,
                                            restore_state)
     from cxrembed.data.cache import ImageSource
@@ -111,11 +117,14 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
     check_model_name(config.model)
     out = Path(out)
     dev = resolve_device(device)
+    here = active()
+    check_global_batch(config, here)
     dataset = _load_dataset(data, config, csv_path, train_val_list, test_list, data_options)
     rows, undefined = _check_splits(dataset)
     source_images = ImageSource(dataset, pixel_cache)
     source_images.read(rows["train"][:1])  # an unreadable image or cache fails here, not later
     folder = check_run_folder(out, config, dataset, resume, overwrite, data_options)
+    barrier()  # every rank has read the folder before rank 0 writes to it
     if folder.finished:
         log.info("%s is complete; returning its result", out)
         return AdaptResult.from_summary(out)
@@ -125,9 +134,10 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
                                quick_gelu=config.quick_gelu)
     names, known = label_set(dataset)
     training = build_training(clip, config, dev, dataset.labels[rows["train"]],
-                              known[rows["train"]])
+                              known[rows["train"]], here)
     base = source.fingerprint()
-    begin_run(folder, base, str(config.pretrained))  # the first write of the run
+    if here.main:
+        begin_run(folder, base, str(config.pretrained))  # the first write of the run
     state = restore_state(folder, training)
     data_for_epochs = EpochData(source_images, dataset.labels, rows, known, names)
     if on_start is not None:
@@ -135,17 +145,22 @@ def adapt(data: Any, out: str | os.PathLike, config: AdaptConfig | None = None, 
             model=config.model, weights=source.describe(), device=str(dev),
             trainable_params=training.trainable_params, unfreeze=config.unfreeze,
             epochs_done=state.epochs_done, epochs=config.epochs, workers=config.loader_workers,
-            **{split: int(len(r)) for split, r in rows.items()}))
+            processes=here.world_size, **{split: int(len(r)) for split, r in rows.items()}))
     run_epochs(training, state, config, dev, data_for_epochs, out, progress, on_step)
 
     # Test: once, with the best weights, never used for any choice.
     training.model.load_trainable_state_dict(state.best_weights)
     test_scores = None
     if len(rows["test"]):
-        test_scores = evaluate_split(training.forward, source_images, dataset.labels,
-                                     rows["test"], "test", config, dev, progress)
+        test_scores = evaluate_split(training.infer, source_images, dataset.labels,
+                                     rows["test"], "test", config, dev, progress and here.main)
+    if not here.main:
+        barrier()  # rank 0 writes the model and summary.json
+        return AdaptResult.from_summary(out)
     test = rows["test"] if test_scores is not None else None
-    return finish_run(out, training, config, base, state, undefined,
-                      None if test is None else dataset.labels[test], test_scores,
-                      label_names=names, vocabulary=getattr(dataset, "dataset", "nih"),
-                      test_known=None if test is None else known[test])
+    result = finish_run(out, training, config, base, state, undefined,
+                        None if test is None else dataset.labels[test], test_scores,
+                        label_names=names, vocabulary=getattr(dataset, "dataset", "nih"),
+                        test_known=None if test is None else known[test])
+    barrier()
+    return result

@@ -96,7 +96,8 @@ def begin_run(folder: RunFolder, base_weights: dict, weights_name: str) -> None:
 
 def restore_state(folder: RunFolder, training: Training) -> RunState:
     """The state of the last committed epoch (weights, optimizer, scheduler restored in
-    place), or a fresh one; metrics lines past that epoch are dropped."""
+    place), or a fresh one; metrics lines past that epoch are dropped (by rank 0 only:
+    every rank reads the state, one writes)."""
     from cxrembed.model.run_state import RunState, rewrite_metrics
 
     if folder.progress is None:
@@ -104,7 +105,8 @@ def restore_state(folder: RunFolder, training: Training) -> RunState:
     else:
         state = RunState.load(folder.out / "state", folder.progress, training.model,
                               training.optimizer, training.scheduler)
-    rewrite_metrics(folder.out / "metrics.jsonl", state.epochs_done)
+    if training.launch.main:
+        rewrite_metrics(folder.out / "metrics.jsonl", state.epochs_done)
     return state
 
 

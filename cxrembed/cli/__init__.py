@@ -43,7 +43,11 @@ def _root(
     """cxrembed: adapt CLIP once, encode once, then iterate in seconds on cached vectors."""
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+    from cxrembed.distributed import launch
+
+    # Under torchrun every rank would repeat rank 0's warnings: the others log errors only.
+    quiet = logging.WARNING if launch().main else logging.ERROR
+    logging.basicConfig(level=logging.DEBUG if verbose else quiet, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:

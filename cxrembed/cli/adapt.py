@@ -79,26 +79,33 @@ def adapt(
     DATA may be any collection (--dataset); the head has one output per class of it, and
     unknown labels (--uncertain ignore) count in neither the loss nor val/test AUC."""
     from cxrembed.adapt import adapt as run_adapt
+    from cxrembed.distributed import launch
+
+    main_process = launch().main  # under torchrun, rank 0 alone prints
 
     given = {k: v for k, v in config_values.items() if v is not None}
     config = (AdaptConfig.from_file(config_file, given) if config_file is not None
               else AdaptConfig.from_dict(given))
 
     def started(info: AdaptStart) -> None:
-        if not json_out:
+        if not json_out and main_process:
             resumed = (f"; resuming after epoch {info.epochs_done} of {info.epochs}"
                        if info.epochs_done else "")
             console.print(f"[bold]{info.model}[/] ({info.weights}) on {info.device}: "
                           f"[cyan]{info.trainable_params:,}[/] trainable parameters "
                           f"(top {info.unfreeze} blocks + ln_post + proj + head); "
                           f"{info.train:,} train / {info.val:,} val / {info.test:,} "
-                          f"test images; {info.workers} reading processes{resumed}")
+                          f"test images; {info.workers} reading processes{resumed}"
+                          + (f"; {info.processes} training processes (torchrun)"
+                             if info.processes > 1 else ""))
 
     result = run_adapt(data, out, config, pixel_cache=pixel_cache, resume=resume,
                        overwrite=overwrite, device=device, progress=not no_progress,
                        trust_pickle=trust_pickle, csv_path=csv, train_val_list=train_val_list,
                        test_list=test_list, data_options=data_options(source),
                        on_start=started)
+    if not main_process:
+        return
     if json_out:
         print_json(result.to_dict())
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -44,6 +45,9 @@ def run_guarded(app: typer.Typer) -> None:
         code = _run(app)
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
+    except Exception as exc:  # a bug or a library's error: its traceback follows
+        _record_for_torchrun(exc)
+        raise
     interrupted = sigint.received or code == EXIT_INTERRUPTED
     if interrupted and _command(app, sys.argv[1:]) in STOPPED_BY_CTRL_C:
         code = 0  # the command said it stopped; Ctrl-C is how a server is stopped
@@ -81,7 +85,9 @@ def _run(app: typer.Typer) -> int:
     try:
         returned = app(standalone_mode=False)
     except (CxrembedError, OSError) as exc:  # OSError: disk full, permissions, no folder
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error{_which_rank()}:[/] {exc}", highlight=False,
+                      soft_wrap=True)
+        _record_for_torchrun(exc)
         return EXIT_ERROR
     except typer.Exit as exc:
         return exc.exit_code
@@ -92,6 +98,29 @@ def _run(app: typer.Typer) -> int:
         return exc.exit_code
     # Without standalone mode typer returns the command's value, or the code of an Exit.
     return returned if type(returned) is int else 0
+
+
+def _which_rank() -> str:
+    """`` (rank 1 of 4)`` in a torchrun job, so that the error names its process."""
+    from cxrembed.distributed import launch
+
+    try:
+        here = launch()
+    except CxrembedError:
+        return ""
+    return f" ({here})" if here.distributed else ""
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """Hand the error to torchrun (its error file), whose failure summary then shows this
+    rank's message as the job's root cause rather than "error_file: <N/A>"."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    handler = get_error_handler()
+    handler.initialize()
+    handler.record_exception(exc)
 
 
 def _click_exception_class() -> type[Exception]:

@@ -44,6 +44,10 @@ class TrainAugment(torch.nn.Module):
 
     Input: B×H×W uint8 (or B×1×H×W / B×3×H×W float in [0, 1]); output: B×3×H×W,
     CLIP-normalised.
+
+    ``draw=(size, offset)``: the images are rows ``offset .. offset + B`` of a batch of
+    ``size`` images spread over several processes; the random parameters are drawn for
+    the whole batch and sliced, so an image is transformed as it would be in one process.
     """
 
     def __init__(self, hflip: float = 0.5, degrees: float = 10.0, translate: float = 0.1,
@@ -54,8 +58,8 @@ class TrainAugment(torch.nn.Module):
         self.scale, self.brightness, self.contrast = scale, brightness, contrast
         self.saturation = saturation
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                draw: tuple[int, int] | None = None) -> torch.Tensor:
         x = images
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
@@ -63,15 +67,18 @@ class TrainAugment(torch.nn.Module):
             x = x[:, None]
         x = x[:, :1]  # gray: one channel until the end
         b, dev = x.shape[0], x.device
+        size, offset = draw if draw is not None else (b, 0)
+
+        def rand() -> torch.Tensor:
+            return torch.rand(max(size, offset + b), generator=generator)[offset:offset + b]
 
         def uniform(low: float, high: float) -> torch.Tensor:
-            r = torch.rand(b, generator=generator, device="cpu")
-            return (low + (high - low) * r).to(dev)
+            return (low + (high - low) * rand()).to(dev)
 
         angle = uniform(-self.degrees, self.degrees) * math.pi / 180
         scale = uniform(*self.scale)
         tx, ty = uniform(-self.translate, self.translate), uniform(-self.translate, self.translate)
-        flip = (torch.rand(b, generator=generator) < self.hflip).to(dev)
+        flip = (rand() < self.hflip).to(dev)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         sign = torch.where(flip, -1.0, 1.0).to(x.dtype)
         # affine_grid maps output coordinates to input ones: the inverse transform,
