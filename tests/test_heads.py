@@ -201,6 +201,30 @@ def test_mlp_is_reproducible_leaves_global_rng_alone_and_fit_many_matches_fit(da
     assert members[1].selected == alone.selected
 
 
+def test_batched_mlp_training_equals_each_seed_trained_alone(data):
+    """The sweep trains a shot count's seeds as one batched problem: members of different
+    sizes (a last batch of a different width), one with unknown labels, one without a val
+    sample, stopping early at different epochs, each end where it ends trained alone."""
+    pytest.importorskip("torch")
+    from cxrembed.heads.mlp import MLPHead
+
+    x, y = data["train"]
+    x_val, y_val = data["val"]
+    known = np.random.default_rng(3).random(y[:37].shape) > 0.2
+    noise = y_val[:60][np.random.default_rng(1).permutation(60)]  # val AUC soon stalls
+    members = [(x[:37], y[:37], x_val, y_val, known), (x[40:90], y[40:90], x_val[:60],
+               noise, None), (x[100:121], y[100:121], None, None, None)]
+    options = dict(epochs=8, patience=2, batch_size=8, lr=0.01)
+    together = MLPHead.fit_many([MLPHead(seed=s, **options) for s in (4, 5, 6)], members)
+    test = data["test"][0]
+    for seed, head, (xs, ys, xv, yv, kn) in zip((4, 5, 6), together, members):
+        alone = MLPHead(seed=seed, **options).fit(xs, ys, xv, yv, known=kn)
+        assert head.selected == alone.selected
+        np.testing.assert_allclose(head.predict(test), alone.predict(test), atol=1e-4)
+    assert together[2].selected["by"] == "last"
+    assert together[1].selected["epochs_run"] < together[0].selected["epochs_run"] < 8
+
+
 def test_stacked_adamw_is_torchs_adamw_per_member():
     """Three members stepped in changing subsets equal three torch.optim.AdamW optimisers
     that step only when their member has a batch."""
