@@ -216,6 +216,7 @@ class _Sweep:
         self.fit_seconds = {h: 0.0 for h in config.heads}
         self.pending: list[tuple[dict[str, Any], Future]] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrembed-score")
+        self.text_logits: np.ndarray | None = None  # tip's, of the test vectors
 
     def __enter__(self) -> "_Sweep":
         return self
@@ -305,14 +306,26 @@ class _Sweep:
                 predict_seconds = [(time.perf_counter() - t0) / len(heads)] * len(heads)
             else:
                 all_scores, predict_seconds = [], []
-                for head in heads:
-                    all_scores.append(head.predict(x_test))
+                shared = self._shared_inputs(name, heads[0], x_test)
+                for head, draw in zip(heads, draws):
+                    if getattr(head, "shares_similarity", False):  # knn and tip: computed once
+                        shared["similarity"] = draw.test_similarity(x_test)
+                    all_scores.append(head.predict(x_test, **shared))
                     predict_seconds.append(time.perf_counter() - t0)
                     t0 = time.perf_counter()
             for head, draw, scores, fit_s, predict_s in zip(heads, draws, all_scores,
                                                              fit_seconds, predict_seconds):
                 self.record(name, shots, draw.seed, scores, fit_s + predict_s, head.selected,
                             len(draw.rows_train), len(draw.rows_val))
+
+    def _shared_inputs(self, name: str, head: Any, x_test: np.ndarray) -> dict[str, Any]:
+        """What every seed's head of ``name`` takes alike: Tip-Adapter's text logits of the
+        test vectors (the same for every draw, computed once per sweep)."""
+        if name != "tip":
+            return {}
+        if self.text_logits is None:
+            self.text_logits = head.zeroshot.logits(x_test)
+        return {"text_logits": self.text_logits}
 
     def result(self, started: float) -> FewShotResult:
         """Wait for the scoring thread, then summarise every (head, shots) cell."""
@@ -361,6 +374,14 @@ class _Draw:
         self.known = None if known.all() else known
         self.val = ((*data.vectors(rows_val), data.labels[rows_val]) if len(rows_val)
                     else (None, None, None))
+        self._similarity: np.ndarray | None = None
+
+    def test_similarity(self, x_test_unit: np.ndarray) -> np.ndarray:
+        """Cosines ``(test, shots)`` of the test vectors to this draw's shots, float32,
+        computed once for the heads that share them (knn and tip)."""
+        if self._similarity is None:
+            self._similarity = x_test_unit @ self.train[1].T
+        return self._similarity
 
     def fit_args(self, raw: bool) -> tuple[Any, Any, Any, Any]:
         pick = 0 if raw else 1  # (raw, unit, labels)

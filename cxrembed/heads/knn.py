@@ -43,6 +43,7 @@ class KNNHead:
     """Similarity-weighted vote of the k nearest shots (FAISS exact inner product)."""
 
     input = "normalized"
+    shares_similarity = True  # predict takes the sweep's query-shot cosines
 
     def __init__(self, seed: int = 0, **options: Any) -> None:
         self.config = build_config(KNNConfig, options, "knn")
@@ -70,17 +71,31 @@ class KNNHead:
         self.selected = {"k": min(self.config.k, len(X)), "temperature": self.config.temperature}
         return self
 
-    def neighbours(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Similarities and shot indices ``(n, k)`` of each query's nearest shots."""
+    def neighbours(self, X: Any, similarity: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and shot indices ``(n, k)`` of each query's nearest shots.
+        ``similarity``: the queries' cosine similarities to the shots ``(n, shots)``, in
+        fit order, when the caller has them (the sweep shares them with Tip-Adapter):
+        the k largest are taken from it instead of a FAISS search."""
         if self._index is None:
             raise ConfigError("knn head: call fit before predict")
+        k = self.selected["k"]
+        if similarity is not None:
+            if similarity.shape[1] != self._index.ntotal:
+                raise ConfigError(f"knn head: similarities to {similarity.shape[1]} shots "
+                                  f"given, fitted on {self._index.ntotal}")
+            if k == similarity.shape[1]:
+                return similarity, np.broadcast_to(np.arange(k), similarity.shape)
+            idx = np.argpartition(similarity, -k, axis=1)[:, -k:]
+            return np.take_along_axis(similarity, idx, axis=1), idx
         X, _ = check_xy(X)
         query = unit_rows(X)
-        return self._index.search(query, self.selected["k"])
+        return self._index.search(query, k)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """``(n, 14)`` weighted share of neighbours positive for each class."""
-        sim, idx = self.neighbours(X)
+    def predict(self, X: Any, similarity: np.ndarray | None = None) -> np.ndarray:
+        """``(n, 14)`` weighted share of neighbours positive for each class (``similarity``:
+        see :meth:`neighbours`)."""
+        sim, idx = self.neighbours(X, similarity)
         if getattr(self, "_known", None) is None:
             return weighted_vote(sim, idx, self._labels, self.config.temperature)
         known = self._known.astype(np.float64)

@@ -41,6 +41,7 @@ class TipAdapterHead:
 
     input = "normalized"
     needs_text = True
+    shares_similarity = True  # predict takes the sweep's query-shot cosines
 
     def __init__(self, text: TextEmbeddings | None = None, seed: int = 0, **options: Any
                  ) -> None:
@@ -55,8 +56,10 @@ class TipAdapterHead:
         self._keys: np.ndarray | None = None
         self._values: np.ndarray | None = None
 
-    def _cache(self, X: np.ndarray, beta: float) -> np.ndarray:
-        affinity = cosine(X, self._keys)  # float32 (n, shots)
+    def _cache(self, X: np.ndarray, beta: float, similarity: np.ndarray | None = None
+               ) -> np.ndarray:
+        affinity = (cosine(X, self._keys) if similarity is None  # float32 (n, shots)
+                    else similarity.astype(np.float32, copy=True))
         affinity -= 1.0
         affinity *= beta
         np.exp(affinity, out=affinity)
@@ -87,10 +90,18 @@ class TipAdapterHead:
                          "val_mean_auc": None if best is None else float(best)}
         return self
 
-    def predict(self, X: Any) -> np.ndarray:
-        """``(n, 14)`` combined logits."""
+    def predict(self, X: Any, similarity: np.ndarray | None = None,
+                text_logits: np.ndarray | None = None) -> np.ndarray:
+        """``(n, 14)`` combined logits. The sweep passes what every seed shares:
+        ``similarity``, the queries' cosines to the shots ``(n, shots)`` in fit order, and
+        ``text_logits``, :meth:`ZeroShotHead.logits` of ``X``."""
         if self._keys is None:
             raise ConfigError("tip head: call fit before predict")
-        X, _ = check_xy(X)
-        return (self.zeroshot.logits(X)
-                + self.selected["alpha"] * self._cache(X, self.selected["beta"]))
+        if similarity is not None and similarity.shape[1] != len(self._keys):
+            raise ConfigError(f"tip head: similarities to {similarity.shape[1]} shots given, "
+                              f"fitted on {len(self._keys)}")
+        if similarity is None or text_logits is None:  # X is used: check it
+            X, _ = check_xy(X)
+        text = self.zeroshot.logits(X) if text_logits is None else text_logits
+        return text + self.selected["alpha"] * self._cache(X, self.selected["beta"],
+                                                            similarity)
