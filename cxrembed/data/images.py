@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrembed.data.image_checks import check_image_bytes, check_size
 from cxrembed.errors import DataError
 
 IMAGE_SIZE = 224
@@ -35,12 +36,15 @@ PREPROCESSING = {
 }
 
 
-def _resize_crop(gray: np.ndarray, size: int) -> np.ndarray:
+def _resize_crop(gray: np.ndarray, size: int, where: str = "an image") -> np.ndarray:
     import cv2
 
     h, w = gray.shape
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if nh * nw > 64 * size * size:  # an aspect past 64:1 would resize to a memory bomb
+        raise DataError(f"cannot use {where}: it is {w}x{h} pixels, an aspect ratio past "
+                        "64:1 (not a radiograph); drop it from the lists")
     if (nh, nw) != (h, w):
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
         gray = cv2.resize(gray, (nw, nh), interpolation=interp)
@@ -107,28 +111,6 @@ def _to_uint8_gray(img: np.ndarray, significant: int | None = None) -> np.ndarra
     return img
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _check_png_chunks(buf: np.ndarray, path: str) -> None:
-    """Walk a PNG's chunk headers (no decoding): a file cut short raises DataError here,
-    before OpenCV's decoder prints libpng's own message on stderr."""
-    data = buf.data.cast("B") if buf.flags.c_contiguous else bytes(buf)
-    if bytes(data[:8]) != PNG_SIGNATURE:
-        return
-    pos, end = 8, len(buf)
-    while pos + 8 <= end:
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = bytes(data[pos + 4:pos + 8])
-        if pos + 12 + length > end:
-            break
-        if kind == b"IEND":
-            return
-        pos += 12 + length
-    raise DataError(f"cannot decode image {path}: the PNG is truncated ({end:,} bytes, its "
-                    "last chunk cut short); re-download it or drop it from the lists")
-
-
 def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") -> np.ndarray:
     """Read one image file (PNG, JPEG, DICOM) into a ``size``×``size`` uint8 grey array.
 
@@ -136,7 +118,7 @@ def decode(path: str | Path, size: int = IMAGE_SIZE, decoder: str = "opencv") ->
     is the reference. Both give the same geometry; pixel values agree to within 1-2
     grey levels (different area-resize rounding).
     """
-    return _resize_crop(read_image(path, decoder)[0], size)
+    return _resize_crop(read_image(path, decoder)[0], size, f"image {path}")
 
 
 def read_image(path: str | Path, decoder: str = "opencv") -> tuple[np.ndarray, str]:
@@ -150,33 +132,34 @@ def read_image(path: str | Path, decoder: str = "opencv") -> tuple[np.ndarray, s
     if is_dicom(path):
         image = read_dicom(path)
         return image.gray, image.view_position
+    buf = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
+    if buf is None:
+        raise DataError(f"image {path} does not exist")
+    check_image_bytes(buf, path)  # before any decoder: damaged files, bombs
     if decoder == "opencv":
         import cv2
 
-        buf = np.fromfile(path, dtype=np.uint8) if Path(path).is_file() else None
-        if buf is None:
-            raise DataError(f"image {path} does not exist")
-        _check_png_chunks(buf, path)
         img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
         if img is None:
             raise DataError(f"cannot decode image {path}: not an image, or truncated; "
                             "re-download it or drop it from the lists")
         gray = _to_uint8_gray(img, png_significant_bits(buf))
     else:
+        import io
+
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(buf.tobytes())) as im:
+                check_size(*im.size, path)  # Pillow checks its own limit only at 2x
                 im.load()
                 if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                     arr = np.asarray(im).astype(np.uint16)
-                    with open(path, "rb") as f:
-                        gray = _to_uint8_gray(arr, png_significant_bits(f.read(1 << 16)))
+                    gray = _to_uint8_gray(arr, png_significant_bits(buf))
                 else:
                     gray = np.asarray(im.convert("L"))
-        except FileNotFoundError:
-            raise DataError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                Image.DecompressionBombError) as exc:
             raise DataError(f"cannot decode image {path}: {exc}; re-download it or drop it "
                             "from the lists") from None
     return gray, ""
