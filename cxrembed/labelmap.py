@@ -75,8 +75,8 @@ def load_label_map(path: str | os.PathLike | None = None) -> LabelMap:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             table = [row for row in csv.reader(f) if any(c.strip() for c in row)]
-    except OSError as exc:
-        raise DataError(f"cannot read label map {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read label map {path}: {exc}; expected a UTF-8 CSV") from None
     if len(table) < 2 or len(table[0]) < 2:
         raise DataError(f"label map {path} needs a header naming two or more vocabularies "
                         "(e.g. nih,chexpert) and one row per shared finding")

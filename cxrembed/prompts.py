@@ -95,7 +95,13 @@ def _pair(value: Any, where: str) -> tuple[list[str], list[str]]:
 def _templates(value: Any, where: str) -> tuple[list[str], list[str]]:
     pos, neg = _pair(value, where)
     for template in pos + neg:
-        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+            if not fields - {"disease"}:
+                template.format(disease="effusion")  # a bad format spec fails only here
+        except (ValueError, IndexError, KeyError, AttributeError) as exc:
+            raise PromptsError(f"{where}: template {template!r} is not a format string with "
+                               f"{{disease}} ({exc}); write braces as {{{{ and }}}}") from None
         if fields - {"disease"}:
             raise PromptsError(f"{where}: template {template!r} uses {sorted(fields)}; the "
                                "only placeholder is {disease}")

@@ -123,6 +123,9 @@ class AdaptConfig:
                               f"{type(values).__name__}; expected an object of option values "
                               "such as {\"epochs\": 10}")
         values = values.get("config", values)  # a run folder's config.json
+        if not isinstance(values, dict):
+            raise ConfigError(f"the adapt config file {path}: its \"config\" entry is a JSON "
+                              f"{type(values).__name__}; expected an object of option values")
         values = dict(values, **{k: v for k, v in (overrides or {}).items() if v is not None})
         try:
             return cls.from_dict(values)

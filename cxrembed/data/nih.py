@@ -33,7 +33,7 @@ from cxrembed.errors import DataError
 from cxrembed.labels import LABELS, parse_finding_labels
 from cxrembed.data.splits import split_train_val_by_patient, check_patient_disjoint
 from cxrembed.data.table import MISSING_POLICIES, ImageTable
-from cxrembed.data.tabular import open_text, parse_age
+from cxrembed.data.tabular import open_text, parse_age, present_inside
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,12 @@ def find_list(root: Path, name: str, given: Path | None, option: str) -> Path:
 
 def read_list(path: Path) -> list[str]:
     """Image names of an official list (one per line; the release has no final newline)."""
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read split list {path}: {exc}; expected one image name a "
+                        "line (UTF-8 text)") from None
     return [n for n in names if n]
 
 
@@ -123,8 +127,15 @@ def read_metadata(path: Path) -> dict[str, np.ndarray]:
                     f"an NIH metadata file has {', '.join(REQUIRED_COLUMNS)}"
                 )
             idx = [columns[c] for c in REQUIRED_COLUMNS]
-            rows = [[r[i] for i in idx] for r in reader if r]
-    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as exc:
+            width = max(idx) + 1
+            rows = []
+            for r in reader:
+                if r and len(r) < width:
+                    raise DataError(f"{path}, row {reader.line_num}: {len(r)} cells, too few "
+                                    f"for the header's {len(header)}")
+                if r:
+                    rows.append([r[i] for i in idx])
+    except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile, csv.Error) as exc:
         raise DataError(f"cannot read metadata file {path}: {exc}") from exc
 
     if not rows:
@@ -258,7 +269,8 @@ def load_nih(
     split[is_val] = "val"
 
     on_disk = find_images(root)
-    paths = np.array([on_disk.get(n, "") for n in meta["image_id"]], dtype=object)
+    paths = present_inside(root, [on_disk.get(n, "") for n in meta["image_id"]],
+                           meta_path.name)  # a link leading out of the folder is refused
     keep = split != ""
     if view != "all":
         keep &= meta["view"] == view

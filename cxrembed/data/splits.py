@@ -20,6 +20,8 @@ def split_train_val_by_patient(patient_id: np.ndarray, in_train_val: np.ndarray,
     the train_val patients. Depends only on the set of patients and the seed."""
     if not 0.0 <= val_fraction < 1.0:
         raise ConfigError(f"val fraction {val_fraction} must be in [0, 1)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"split seed {seed!r} must be a whole number >= 0")
     patients = np.unique(patient_id[in_train_val])
     n_val = int(round(val_fraction * len(patients)))
     if val_fraction > 0 and n_val == 0 and len(patients) > 1:

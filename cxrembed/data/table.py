@@ -31,13 +31,13 @@ findings, a CSV's columns, the class folders); ``dataset`` names the reader.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cxrembed.data.splits import SPLITS, check_patient_disjoint, split_train_val_by_patient
+from cxrembed.data.tabular import present_inside
 from cxrembed.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def finish_table(root: Path, rows: dict[str, np.ndarray], *, label_names: list[s
             check_patient_disjoint(patient_id, keep & (rows["split"] == first),
                                    keep & (rows["split"] == second), rows["image_id"],
                                    f"{first} and {second} ({where})")
-    paths = np.array([p if p and os.path.isfile(p) else "" for p in rows["path"]], dtype=object)
+    paths = present_inside(root, rows["path"], where)
     absent = keep & (paths == "")
     missing_names = [str(n) for n in rows["image_id"][absent]]
     if missing_names and missing == "error":

@@ -188,3 +188,51 @@ def parse_split(cell: str, where: str) -> str:
         raise DataError(f"{where}: split {cell!r} is not one of train, val (valid, validate, "
                         "validation), test or blank")
     return SPLIT_SPELLINGS[value]
+
+
+def inside(real_root: str, real: str) -> bool:
+    """Whether the real path ``real`` lies in the real folder ``real_root``."""
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def present_inside(root: Path, paths: list[str] | np.ndarray, where: str) -> np.ndarray:
+    """``path`` where it is a file inside ``root`` once links are followed, ``""`` where
+    absent. A symbolic link (to a file, or a folder on the way) that leads out of the data
+    folder is a DataError, as a ``..`` path is: it could make cxrembed read, and serve,
+    any file. One ``lstat`` per path (what the existence check cost before) and one
+    ``realpath`` per link or folder."""
+    import stat
+
+    real_root = os.path.realpath(root)
+    real_dirs: dict[str, str] = {}
+    out = np.empty(len(paths), dtype=object)
+    escaping: list[tuple[str, str]] = []
+    for i, path in enumerate(paths):
+        out[i] = ""
+        if not path:
+            continue
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if stat.S_ISLNK(mode):
+            real = os.path.realpath(path)
+            if not os.path.isfile(real):
+                continue
+        elif stat.S_ISREG(mode):
+            folder = os.path.dirname(path)
+            if folder not in real_dirs:
+                real_dirs[folder] = os.path.realpath(folder)
+            real = os.path.join(real_dirs[folder], os.path.basename(path))
+        else:
+            continue
+        if not inside(real_root, real):
+            escaping.append((str(path), real))
+        out[i] = path
+    if escaping:
+        link, target = escaping[0]
+        raise DataError(f"{len(escaping)} image(s) named by {where} are symbolic links (or under "
+                        f"a linked folder) leading out of the data folder {root} (first: {link}"
+                        f" -> {target}); cxrembed reads only files inside it: copy the images "
+                        "in, or pass the folder they really are in as the data folder")
+    return out

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.encode.output import encoder_attrs, remove_store_files, reopen, row_fields
+from cxrembed.store.lock import holding_lock
 from cxrembed.encode.reader import BatchReader
 from cxrembed.encode.runner import StageSeconds, run_pipeline
 from cxrembed.errors import ConfigError, DataError, StoreError
@@ -96,6 +97,7 @@ def _check_options(out: Path, batch_size: int, index: str | None, resume: bool,
         raise StoreError(f"--out {out} is a folder; give a file name such as {out}/store.h5")
 
 
+@holding_lock("out", "cxrembed encode")  # one writer per store (cxrembed/store/lock.py)
 def encode_dataset(
     dataset: Any,
     out: str | os.PathLike,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,22 +239,67 @@ def load_head(path: str | os.PathLike) -> SavedHead:
 
 
 def _load_card(folder: Path) -> SavedHead:
+    """A head folder read back; a card or arrays that are malformed or disagree (edited,
+    damaged, from another version) are one ConfigError, checked by scoring a probe row."""
     try:
         card = json.loads((folder / CARD).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ConfigError(f"head card {folder / CARD} is not valid JSON: {exc}") from None
-    if card.get("format") != CARD_FORMAT or card.get("format_version") != CARD_VERSION:
+    if (not isinstance(card, dict) or card.get("format") != CARD_FORMAT
+            or card.get("format_version") != CARD_VERSION):
         raise ConfigError(f"{folder / CARD} is not a cxrembed head card of version "
                           f"{CARD_VERSION}; refit it with `cxrembed fit`")
+    _check_card(card, folder / CARD)
     if not (folder / ARRAYS).is_file():
         raise ConfigError(f"head folder {folder} lacks {ARRAYS}; refit it with `cxrembed fit`")
-    with np.load(folder / ARRAYS) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    head = rebuild_head(card["kind"], arrays, card.get("options", {}), card.get("selected", {}),
-                        card["label_names"])
-    classes = card.get("calibration", {}).get("classes", {})
-    calibration = {name: ClassCalibration.from_dict(d) for name, d in classes.items()}
-    return SavedHead(card["kind"], head, card, calibration, arrays)
+    try:
+        with np.load(folder / ARRAYS) as npz:  # allow_pickle stays False: arrays only
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"cannot read {folder / ARRAYS}: {exc}; refit the head with "
+                          "`cxrembed fit`") from None
+    try:
+        head = rebuild_head(card["kind"], arrays, card.get("options", {}),
+                            card.get("selected", {}), card["label_names"])
+        classes = card.get("calibration", {}).get("classes", {})
+        calibration = {name: ClassCalibration.from_dict(d) for name, d in classes.items()}
+        saved = SavedHead(card["kind"], head, card, calibration, arrays)
+        probe = saved.predict(np.zeros((1, card["embed_dim"]), np.float32))
+    except ConfigError as exc:
+        raise ConfigError(f"head folder {folder} cannot be used: {exc}") from None
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"head folder {folder} is damaged or its card and arrays disagree "
+                          f"({type(exc).__name__}: {str(exc)[:200]}); refit it with "
+                          "`cxrembed fit`") from None
+    if probe.scores.shape != (1, len(card["label_names"])):
+        raise ConfigError(f"head folder {folder}: its head scores {probe.scores.shape[1]} "
+                          f"classes but its card names {len(card['label_names'])}; refit it")
+    return saved
+
+
+def _check_card(card: dict[str, Any], where: Path) -> None:
+    """The card's fields every use relies on, with their types."""
+    checks = [
+        ("kind", isinstance(card.get("kind"), str) and card["kind"] in SCORE_KIND, f"one of {', '.join(SCORE_KIND)}"),
+        ("label_names", isinstance(card.get("label_names"), list) and card["label_names"]
+         and all(isinstance(n, str) for n in card["label_names"]), "a list of class names"),
+        ("embed_dim", isinstance(card.get("embed_dim"), int)
+         and not isinstance(card["embed_dim"], bool) and card["embed_dim"] >= 1,
+         "a whole number >= 1"),
+        ("fingerprint", isinstance(card.get("fingerprint"), dict), "an object"),
+        ("options", isinstance(card.get("options", {}), dict), "an object"),
+        ("selected", isinstance(card.get("selected", {}), dict), "an object"),
+        ("calibration", isinstance(card.get("calibration", {}), dict)
+         and isinstance(card.get("calibration", {}).get("classes", {}), dict)
+         and all(isinstance(v, dict) for v in card.get("calibration", {})
+                 .get("classes", {}).values()), "an object with per-class objects"),
+        ("load_args", card.get("load_args") is None or isinstance(card["load_args"], dict),
+         "an object or null"),
+    ]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"head card {where}: {name} is {str(card.get(name))[:60]}, "
+                              f"expected {expected}; refit the head with `cxrembed fit`")
 
 
 def _from_run(run: Path) -> SavedHead:

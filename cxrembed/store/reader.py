@@ -13,8 +13,10 @@ import numpy as np
 from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError, CxrembedError, StoreError
 from cxrembed.labels import LABELS, canonical
-from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, LABEL_KNOWN, NO_FINDING_KEY,
+from cxrembed.store.lock import describe_owner, writer_at_work
+from cxrembed.store.schema import (FORMAT, LABEL_KNOWN, NO_FINDING_KEY, READABLE_VERSIONS,
                                    ROW_FIELDS, decode_strings, read_attrs)
+from cxrembed.store.validate import check_store
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,16 @@ class EmbeddingStore:
         if not path.is_file():
             raise StoreError(f"store {path} does not exist; create it with "
                              "`cxrembed encode DATA --out STORE.h5`")
+        writer = writer_at_work(path)
+        if writer is not None and not allow_incomplete:
+            raise StoreError(f"store {path} is being written by {describe_owner(writer)}: "
+                             "wait for that encode to finish, or open it with "
+                             "allow_incomplete=True for the rows final so far")
         try:
-            f = h5py.File(path, "r")
+            # While another process writes, HDF5's own file lock would refuse a reader:
+            # the rows below rows_done are final (schema.py), so read them unlocked.
+            f = h5py.File(path, "r", locking=False) if writer is not None else \
+                h5py.File(path, "r")
         except OSError as exc:
             raise StoreError(f"cannot open store {path}: {exc} (not an HDF5 file, or an "
                              "encode is still writing it)") from None
@@ -100,13 +110,13 @@ class EmbeddingStore:
                 raise StoreError(f"{path} is an HDF5 file but not a cxrembed store (no "
                                  f"format={FORMAT!r} attribute)")
             version = attrs.get("format_version")
-            if version != FORMAT_VERSION:
+            if version not in READABLE_VERSIONS or isinstance(version, bool):
                 raise StoreError(
-                    f"store {path} has format version {version}; this cxrembed "
-                    f"({attrs.get('cxrembed_version', '?')} wrote it) reads version "
-                    f"{FORMAT_VERSION}: re-encode it with `cxrembed encode`, or use the "
-                    "cxrembed version that wrote it")
-            done = int(f["rows_done"][0])
+                    f"store {path} has format version {version!r} (cxrembed "
+                    f"{attrs.get('cxrembed_version', '?')} wrote it); this cxrembed reads "
+                    f"versions {', '.join(map(str, READABLE_VERSIONS))}: re-encode it with "
+                    "`cxrembed encode`, or use the cxrembed version that wrote it")
+            done = check_store(f, attrs, path)
             if not attrs.get("complete"):
                 if not allow_incomplete:
                     raise StoreError(

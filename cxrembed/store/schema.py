@@ -1,10 +1,10 @@
-"""The HDF5 embedding store, format version 1: one file per (dataset, encoder) pair.
+"""The HDF5 embedding store, format version 2: one file per (dataset, encoder) pair.
 
 Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
 
     attrs
       format            "cxrembed.store"
-      format_version    1 (readers refuse any other)
+      format_version    2 (readers read 1 and 2 and refuse any other: see "Versions")
       cxrembed_version  the package version that wrote the file
       uuid              random id of this store; the FAISS index beside it records it
       created           ISO-8601 UTC time the encode started
@@ -86,6 +86,21 @@ resumed) keep zero rows until the end: their rows and reasons are listed in
 ``STORE.h5.skipped.json`` (written before ``rows_done`` passes them), and when every row
 is written the store is copied without them (:mod:`cxrembed.store.compact`) and the list
 moves to the ``skipped_images`` attribute.
+
+Versions: 1 is the layout above without ``embedding_mean`` and ``search_centring``
+(cxrembed 0.x stores up to this session; the earliest of them also lack ``label_known``,
+``head_label_names`` and ``dataset``, read as all known / NIH's 14 / ``nih``). 2 adds those
+two attributes, set when the store is complete, for centred search. Nothing else changed
+(the rows, their dtypes and the crash-safe write order are the same), so version 1 is read
+as it is, with no migration: search without a recorded mean computes it at open
+(:mod:`cxrembed.store.centring`), and an unfinished version-1 store resumed by this
+cxrembed is finished as version 2. A version above 2 is refused by name: it may store rows
+differently, and reading it as 2 could return wrong vectors silently.
+
+Writers: one at a time per store, held by ``STORE.h5.lock`` beside it (not part of the file;
+:mod:`cxrembed.store.lock`). Readers refuse a store another process is writing, or, asked
+for an incomplete store, read only its final rows (``rows_done``). A store's attributes are
+checked against its datasets when it is opened (:mod:`cxrembed.store.validate`).
 """
 
 from __future__ import annotations
@@ -96,7 +111,9 @@ from typing import Any
 import numpy as np
 
 FORMAT = "cxrembed.store"
-FORMAT_VERSION = 1
+#: The version this cxrembed writes, and those it reads (see "Versions" above).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 #: Row-aligned metadata datasets and their on-disk dtypes ("S" = UTF-8 bytes).
 ROW_FIELDS: dict[str, str] = {
@@ -132,14 +149,14 @@ def decode_strings(values: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode_strings`: a numpy ``str`` array."""
     values = np.asarray(values)
     if values.dtype.kind == "S":
-        return np.char.decode(values, "utf-8")
+        return np.char.decode(values, "utf-8", errors="replace")
     return values.astype(str)
 
 
 def attr_value(value: Any) -> Any:
     """Decode an HDF5 attribute to plain Python (bytes -> str, numpy scalars -> Python)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode("utf-8", errors="replace")
     if isinstance(value, np.generic):
         return value.item()
     return value
@@ -151,6 +168,12 @@ def read_attrs(h5attrs: Any) -> dict[str, Any]:
     for key, value in h5attrs.items():
         value = attr_value(value)
         if key in JSON_ATTRS and isinstance(value, str):
-            value = json.loads(value) if value else None
+            try:
+                value = json.loads(value) if value else None
+            except ValueError:
+                from cxrembed.errors import StoreError
+
+                raise StoreError(f"store attribute {key} is not valid JSON ({value[:60]!r}); "
+                                 "the file is damaged: encode it again") from None
         out[key] = value
     return out

@@ -16,8 +16,10 @@ from cxrembed import __version__
 from cxrembed.errors import StoreError
 from cxrembed.files import atomic_write_text
 from cxrembed.labels import LABELS
+from cxrembed.store.lock import acquire, holding_lock, release
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
-                                   ROW_FIELDS, decode_strings, encode_strings, read_attrs)
+                                   READABLE_VERSIONS, ROW_FIELDS, decode_strings, encode_strings, read_attrs)
+from cxrembed.store.validate import check_store
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ class StoreWriter:
     def __init__(self, path: Path, h5file: Any) -> None:
         self.path = path
         self._file = h5file
+        self._locked = True  # _open_rw took the writer lock; close() gives it back
         self.num_rows = int(h5file.attrs["num_rows"])
         self.embed_dim = int(h5file.attrs["embed_dim"])
         self.chunk_rows = int(h5file.attrs["chunk_rows"])
@@ -100,6 +103,7 @@ class StoreWriter:
     # Opening
 
     @classmethod
+    @holding_lock("path", "cxrembed store writer")  # taken before the file is replaced
     def create(cls, path: str | os.PathLike, *, rows: dict[str, np.ndarray], embed_dim: int,
                fingerprint: dict, has_head: bool, has_text: bool, batch_size: int,
                chunk_rows: int, prompts: dict[str, tuple[list[str], list[str]]] | None = None,
@@ -220,22 +224,26 @@ class StoreWriter:
 
     @classmethod
     def _open_rw(cls, path: Path) -> "StoreWriter":
+        acquire(path, "cxrembed store writer")  # released by close()
         try:
             f = _open_h5(path)
         except OSError as exc:
+            release(path)
             raise StoreError(f"cannot open store {path} for writing: {exc}") from exc
         try:
             if f.attrs.get("format") != FORMAT:
                 raise StoreError(f"{path} is not a cxrembed store; choose another --out or "
                                  "pass --overwrite")
-            version = int(f.attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise StoreError(f"store {path} has format version {version}; this cxrembed "
-                                 f"writes version {FORMAT_VERSION}: pass --overwrite to encode "
-                                 "again")
+            version = read_attrs(f.attrs).get("format_version")
+            if version not in READABLE_VERSIONS or isinstance(version, bool):
+                raise StoreError(f"store {path} has format version {version!r}; this cxrembed "
+                                 f"resumes versions {', '.join(map(str, READABLE_VERSIONS))}: "
+                                 "pass --overwrite to encode again")
+            check_store(f, read_attrs(f.attrs), path)
             return cls(path, f)
         except BaseException:
             f.close()
+            release(path)
             raise
 
     # ---------------------------------------------------------------------------------
@@ -320,6 +328,8 @@ class StoreWriter:
             raise StoreError(f"store {self.path} has {self.rows_done} of {self.num_rows} rows; "
                              "finish the encode with --resume")
         try:
+            # a resumed version-1 store is finished with version 2's attributes
+            self._file.attrs["format_version"] = FORMAT_VERSION
             for key, value in (attrs or {}).items():
                 self._file.attrs[key] = json.dumps(value) if key in JSON_ATTRS else value
             if self.skipped:
@@ -406,7 +416,8 @@ class StoreWriter:
         log.debug("store %s: %d of %d rows", self.path, stop, self.num_rows)
 
     def close(self) -> None:
-        """Close the file; buffered rows that did not fill a chunk are dropped."""
+        """Close the file and give back the writer lock; buffered rows that did not fill a
+        chunk are dropped."""
         self._buffer_emb, self._buffer_logits, self._buffered = [], [], 0
         if self._file is not None:
             try:
@@ -414,6 +425,9 @@ class StoreWriter:
             except OSError as exc:  # a full disk can fail the final flush: nothing to lose
                 log.warning("closing store %s: %s", self.path, exc)
             self._file = None
+        if self._locked:
+            self._locked = False
+            release(self.path)
 
     def __enter__(self) -> "StoreWriter":
         return self

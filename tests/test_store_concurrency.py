@@ -1,0 +1,170 @@
+"""A store read while another process writes it, and two writers of one store.
+
+The writer is a real second process (``python -c``) that writes chunks in lockstep with
+the test (it waits for a line on stdin after each chunk), then freely while the test
+reads, then finishes; another is killed with SIGKILL mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cxrembed.errors import StoreError
+from cxrembed.store import EmbeddingStore, StoreWriter
+from cxrembed.store import lock as store_lock
+
+N, DIM, CHUNK = 400, 8, 40
+FINGERPRINT = {"model": "concurrency"}
+
+WRITER = textwrap.dedent(f"""
+    import sys, time
+    import numpy as np
+    from cxrembed.store import StoreWriter
+    from cxrembed.store.schema import ROW_FIELDS
+    sys.path.insert(0, {os.path.dirname(__file__)!r})
+    from test_store_concurrency import expected_rows, rows_of
+    path, mode = sys.argv[1], sys.argv[2]
+    w = StoreWriter.create(path, rows=rows_of({N}), embed_dim={DIM}, fingerprint={FINGERPRINT!r},
+                           has_head=False, has_text=False, batch_size={CHUNK},
+                           chunk_rows={CHUNK})
+    for start in range(0, {N}, {CHUNK}):
+        w.append(expected_rows(start, start + {CHUNK}))
+        print(w.rows_done, flush=True)
+        if mode == "lockstep" and sys.stdin.readline().strip() != "go":
+            mode = "free"
+        if mode == "free":
+            time.sleep(0.01)
+    w.finish()
+    w.close()
+    print("done", flush=True)
+""")
+
+
+def expected_rows(start: int, stop: int) -> np.ndarray:
+    """Row ``i`` holds ``i mod 97 + j / 8`` in column ``j`` (exact in float16)."""
+    rows = np.arange(start, stop)[:, None] % 97 + np.arange(DIM)[None, :] / 8
+    return rows.astype(np.float32)
+
+
+def rows_of(n: int) -> dict:
+    from cxrembed.store.schema import ROW_FIELDS
+
+    return {name: (np.array([f"{i:04d}.png" for i in range(n)]) if name == "image_id" else
+                   np.array(["train"] * n) if name == "split" else
+                   np.zeros((n, 14), np.uint8) if name == "labels" else
+                   np.array([""] * n) if kind == "S" else np.zeros(n, kind))
+            for name, kind in ROW_FIELDS.items()}
+
+
+def _start_writer(path, mode):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _final_rows_only(path) -> int:
+    """Open the store being written: every row it shows is the one the writer wrote."""
+    with EmbeddingStore.open(path, allow_incomplete=True) as store:
+        n = len(store)
+        np.testing.assert_array_equal(store.embeddings(normalized=False), expected_rows(0, n))
+        return n
+
+
+@pytest.mark.timeout(120)
+def test_reader_sees_final_rows_or_a_clear_error_and_a_second_writer_is_refused(tmp_path):
+    path = tmp_path / "s.h5"
+    writer = _start_writer(path, "lockstep")
+    try:
+        assert writer.stdout.readline().strip() == str(CHUNK)
+        with pytest.raises(StoreError, match=rf"being written by process {writer.pid} on .*"
+                                             r"cxrembed store writer"):
+            EmbeddingStore.open(path)
+        assert _final_rows_only(path) == CHUNK
+        owner = json.loads(store_lock.lock_path(path).read_text())
+        assert owner["pid"] == writer.pid
+        # a second writer, by any door: refused, naming the first and what to do
+        for second in (lambda: StoreWriter.resume(path, fingerprint=FINGERPRINT),
+                       lambda: StoreWriter.create(path, rows=rows_of(N), embed_dim=DIM,
+                                                  fingerprint=FINGERPRINT, has_head=False,
+                                                  has_text=False, batch_size=CHUNK,
+                                                  chunk_rows=CHUNK)):
+            with pytest.raises(StoreError, match=rf"process {writer.pid} .*remove .*s\.h5\.lock"):
+                second()
+        from cxrembed.encode.pipeline import encode_dataset
+
+        with pytest.raises(StoreError, match=rf"process {writer.pid}"):
+            encode_dataset(None, path, None, overwrite=True)  # refused before touching it
+        assert _final_rows_only(path) == CHUNK  # --overwrite did not remove it
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == str(2 * CHUNK)
+        assert _final_rows_only(path) == 2 * CHUNK
+        writer.stdin.write("free\n")  # from here on the writer does not wait for us
+        writer.stdin.flush()
+        seen = set()
+        while writer.poll() is None:
+            try:
+                seen.add(_final_rows_only(path))
+            except StoreError as exc:  # the instant the finished store is swapped in
+                assert "being written" in str(exc) or "incomplete" in str(exc)
+        assert writer.stdout.read().strip().endswith("done")
+        assert writer.returncode == 0
+    finally:
+        writer.kill()
+        writer.wait()
+    assert len(seen) >= 2 and max(seen) <= N  # reads happened while rows were being added
+    with EmbeddingStore.open(path) as store:  # finished: no lock, every row
+        assert store.complete and len(store) == N
+    assert not store_lock.lock_path(path).exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_killed_mid_write_leaves_no_lock_in_the_way(tmp_path):
+    path = tmp_path / "s.h5"
+    writer = _start_writer(path, "lockstep")
+    assert writer.stdout.readline().strip() == str(CHUNK)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert store_lock.lock_path(path).exists()  # the file stays; the kernel freed its lock
+    with pytest.raises(StoreError, match="incomplete"):  # not "being written"
+        EmbeddingStore.open(path)
+    with StoreWriter.resume(path, fingerprint=FINGERPRINT) as resumed:
+        assert resumed.rows_done == CHUNK
+        for start in range(CHUNK, N, CHUNK):
+            resumed.append(expected_rows(start, start + CHUNK))
+        resumed.finish()
+    assert _final_rows_only(path) == N
+
+
+def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
+    """Where flock is unavailable (some network file systems) the lock file's pid is used:
+    a dead process's lock is taken over, a live or remote one refused by name."""
+    monkeypatch.setattr(store_lock, "fcntl", None)
+    store = tmp_path / "s.h5"
+    lock = store_lock.lock_path(store)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    import socket
+
+    here = socket.gethostname()
+    for pid, host, refused in ((int(dead.stdout), here, False), (os.getppid(), here, True),
+                               (12345, "another-host", True)):
+        lock.write_text(json.dumps({"pid": pid, "host": host, "purpose": "cxrembed encode",
+                                    "started": "2026-12-01T00:00:00+00:00"}))
+        if refused:
+            assert store_lock.writer_at_work(store)["pid"] == pid
+            with pytest.raises(StoreError, match=rf"process {pid} on {host} .*remove"):
+                store_lock.acquire(store, "test")
+        else:
+            assert store_lock.writer_at_work(store) is None
+            with store_lock.store_lock(store, "test"):
+                assert json.loads(lock.read_text())["pid"] == os.getpid()
+            assert not lock.exists()
