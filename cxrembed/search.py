@@ -220,7 +220,8 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
         index: ``auto`` (the saved index when there is one, else an exact scan),
             ``index`` (the saved index, StoreError when absent) or ``exact``.
         index_params: search-time parameters of an approximate index (``nprobe``,
-            ``efSearch``); the ones saved with it otherwise.
+            ``efSearch``, ``rerank``: candidates re-scored exactly, PQ kinds); the ones
+            saved with it otherwise.
         centre: ``auto`` | ``on`` | ``off``, or a resolved :class:`Centring`: queries and
             stored vectors are centred alike (similarities are then cosines of centred
             vectors).
@@ -253,7 +254,8 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
 
     def run(batch: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         if loaded is not None:
-            return search_index(loaded.index, batch, k, allowed=mask, params=params)
+            return search_index(loaded.index, batch, k, allowed=mask, params=params,
+                                vectors=lambda rows: centring.apply(store.embeddings_at(rows)))
         return exact_scan(store, batch, k, allowed=mask, centring=centring)
 
     first = masks[0]
@@ -309,7 +311,7 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
            split: str | None = None, exclude_same_patient: bool = False,
            include_query: bool = False, index: str = "auto", centre: str = "auto",
            montage: str | os.PathLike | None = None, data_root: str | os.PathLike | None = None,
-           encoder: Any = None) -> SearchResult:
+           encoder: Any = None, index_params: dict | None = None) -> SearchResult:
     """The ``k`` stored images most similar to one query (see :func:`query_vector`).
 
     Args:
@@ -321,6 +323,7 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
         centre: ``auto`` (as the store's measured figure decides) | ``on`` | ``off``.
         montage: write a PNG of the query and its neighbours, with their labels, here.
         data_root: where the images lie now, when not where they were encoded (montage).
+        index_params: search-time index parameters (see :func:`search_vectors`).
     Returns a :class:`SearchResult` (iterating over it gives the hits).
     """
     if isinstance(store, (str, os.PathLike)):
@@ -328,7 +331,8 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
             return search(opened, image_id=image_id, image=image, text=text, k=k, split=split,
                           exclude_same_patient=exclude_same_patient,
                           include_query=include_query, index=index, centre=centre,
-                          montage=montage, data_root=data_root, encoder=encoder)
+                          montage=montage, data_root=data_root, encoder=encoder,
+                          index_params=index_params)
     if not 1 <= k <= len(store):
         raise ConfigError(f"-k {k}: must be between 1 and the {len(store)} images of store "
                           f"{store.path}")
@@ -337,7 +341,8 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
     query = query_vector(store, image_id=image_id, image=image, text=text, encoder=encoder)
     centring = resolve_centring(store, centre)
     hits = search_query(store, query, k, split=split, exclude_same_patient=exclude_same_patient,
-                        include_query=include_query, index=index, centre=centring)
+                        include_query=include_query, index=index, centre=centring,
+                        index_params=index_params)
     if montage is not None:
         save_montage(store, query, hits, montage, data_root=data_root)
     return SearchResult(query, hits, centring)
@@ -346,7 +351,8 @@ def search(store: EmbeddingStore | str | os.PathLike, *, image_id: str | None = 
 def search_query(store: EmbeddingStore, query: Query, k: int = 10, *, split: str | None = None,
                  exclude_same_patient: bool = False, include_query: bool = False,
                  index: str = "auto", loaded_index: LoadedIndex | None = None,
-                 centre: str | Centring = "auto") -> list[SearchHit]:
+                 centre: str | Centring = "auto", index_params: dict | None = None
+                 ) -> list[SearchHit]:
     """The ``k`` stored images most similar to a :class:`Query` from :func:`query_vector`
     (options as in :func:`search`; ``loaded_index`` as in :func:`search_vectors`)."""
     patient = None
@@ -359,7 +365,8 @@ def search_query(store: EmbeddingStore, query: Query, k: int = 10, *, split: str
     skip = [query.row] if query.row is not None and not include_query else []
     sims, rows = search_vectors(store, query.vector[None], k, split=split, exclude_rows=[skip],
                                 exclude_patients=[patient], index=index,
-                                loaded_index=loaded_index, centre=centre)
+                                loaded_index=loaded_index, centre=centre,
+                                index_params=index_params)
     hits = _hits(store, sims[0], rows[0])
     if len(hits) < k:
         log.warning("only %d images pass the filters (asked for %d)", len(hits), k)

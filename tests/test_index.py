@@ -43,7 +43,7 @@ def index_cli(*args):
 
 
 def test_index_command_builds_each_kind_with_its_parameters(store_path):
-    assert INDEX_KINDS == ("flat", "ivf", "hnsw")
+    assert INDEX_KINDS == ("flat", "ivf", "hnsw", "ivfpq", "opq")
     queries, truth = truth_and_queries(store_path)
     for kind, extra, params in (
             ("flat", [], {}),

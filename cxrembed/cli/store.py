@@ -121,34 +121,52 @@ def encode(
 @app.command("index")
 def index_command(
     store: StoreArg,
-    kind: Annotated[str, typer.Option("--kind", "--index",
-                                      help=f"One of {', '.join(INDEX_KINDS)}.")] = "flat",
+    kind: Annotated[str, typer.Option("--kind", "--index", help=(
+        f"One of {', '.join(INDEX_KINDS)}. Memory per 512-d vector: flat 2,048 bytes, ivf "
+        "2,056, hnsw ~1,160, ivfpq and opq 72 (64 PQ codes + an 8-byte id; for 10M+ "
+        "vectors, re-ranked from the store)."))] = "flat",
     nlist: Annotated[Optional[int], typer.Option("--nlist", help="ivf: k-means cells.")] = None,
     nprobe: Annotated[Optional[int], typer.Option("--nprobe", help="ivf: cells visited per query.")] = None,
     m: Annotated[Optional[int], typer.Option("--hnsw-m", help="hnsw: links per node.")] = None,
     ef_search: Annotated[Optional[int], typer.Option("--ef-search",
                                                      help="hnsw: candidates per query.")] = None,
+    pq_m: Annotated[Optional[int], typer.Option(
+        "--pq-m", help="ivfpq/opq: sub-quantizers M, bytes of code per vector at 8 bits "
+        "(default D/8: 64 for 512-d).")] = None,
+    pq_bits: Annotated[Optional[int], typer.Option("--pq-bits", help="ivfpq/opq: bits per code (8).")] = None,
+    rerank: Annotated[Optional[int], typer.Option(
+        "--rerank", help="ivfpq/opq: candidates k' re-scored exactly from the store per "
+        "query (default 100; 0: PQ scores only).")] = None,
     gpu: Annotated[Optional[bool], typer.Option(
-        "--gpu/--cpu", help="Build on the GPU (default: when faiss-gpu sees one).")] = None,
+        "--gpu/--cpu", help="Build on the GPU (default: when faiss-gpu sees one; ivfpq/opq "
+        "are sharded over every GPU).")] = None,
     centre: CentreOpt = "auto",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """(Re)build the FAISS index beside a store: STORE.h5 -> STORE.faiss."""
+    from cxrembed.errors import ConfigError
     from cxrembed.store import build_index, load_index
     from cxrembed.store.reader import EmbeddingStore
 
-    given = {"nlist": nlist, "nprobe": nprobe, "M": m, "efSearch": ef_search}
+    pq_kind = kind in ("ivfpq", "opq")
+    if (m is not None and pq_kind) or (pq_m is not None and not pq_kind):
+        raise ConfigError("--hnsw-m is hnsw's links per node, --pq-m ivfpq/opq's "
+                          f"sub-quantizers: give the one of --kind {kind}")
+    given = {"nlist": nlist, "nprobe": nprobe, "M": m if pq_m is None else pq_m,
+             "nbits": pq_bits, "rerank": rerank, "efSearch": ef_search}
     params = {key: value for key, value in given.items() if value is not None}
     path = build_index(store, kind, params=params, gpu=gpu, progress=not no_progress,
                        centre=centre)
     with EmbeddingStore.open(store) as opened:
-        centred = load_index(opened).info.centred
+        info = load_index(opened).info
     if json_out:
-        print_json({"index": path, "kind": kind, "params": params, "centred": centred})
+        print_json({"index": path, "kind": kind, "params": params, "centred": info.centred,
+                    "bytes_per_vector": info.bytes_per_vector})
         return
-    console.print(f"[green]index[/] ({kind}{', centred' if centred else ''}) {path} "
-                  f"({path.stat().st_size / 2**20:,.1f} MiB)")
+    console.print(f"[green]index[/] ({kind}{', centred' if info.centred else ''}) {path} "
+                  f"({path.stat().st_size / 2**20:,.1f} MiB, {info.bytes_per_vector:,.0f} "
+                  "bytes per vector)")
 
 
 @app.command("search")
@@ -167,6 +185,9 @@ def search_command(
     index: Annotated[str, typer.Option(
         "--index", help="auto (saved index, else exact scan), index, or exact.")] = "auto",
     centre: CentreOpt = "auto",
+    rerank: Annotated[Optional[int], typer.Option(
+        "--rerank", help="ivfpq/opq index: candidates re-scored exactly (default: the "
+        "index's own, 100).")] = None,
     montage: Annotated[Optional[Path], typer.Option(
         "--montage", help="Save the query and its neighbours as one PNG.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(
@@ -178,7 +199,8 @@ def search_command(
 
     result = search(store, image=image, image_id=image_id, text=text, k=k, split=split,
                     exclude_same_patient=exclude_same_patient, include_query=include_query,
-                    index=index, centre=centre, montage=montage, data_root=data_root)
+                    index=index, centre=centre, montage=montage, data_root=data_root,
+                    index_params=None if rerank is None else {"rerank": rerank})
     if json_out:
         print_json(result.to_dict())
         return

@@ -6,6 +6,11 @@ Kinds (inner product on unit vectors = cosine similarity; FAISS ids = store rows
 - ``ivf``: ``IndexIVFFlat``, ``nlist`` ≈ 2·√N k-means cells, ``nprobe`` of them visited.
 - ``hnsw``: an HNSW graph over float16 vectors (``IndexHNSWSQ``; ``M`` links per node,
   ``efSearch`` candidates per query).
+- ``ivfpq`` / ``opq``: product-quantized IVF lists (72 bytes per 512-d vector), for stores
+  past memory; searched with exact re-ranking from the store (:mod:`.compressed`).
+
+Bytes per vector (512-d, default parameters; recorded in the sidecar as
+``bytes_per_vector``): flat 2,048, ivf 2,056, hnsw ~1,160, ivfpq and opq 72.
 
 Measured with ``benchmarks/bench_search.py`` on this project's 2-core CPU (synthetic
 512-d vectors near a 16-d subspace, k=10; latency per query in batches of 1000 / one
@@ -37,15 +42,17 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from cxrembed.errors import ConfigError, StoreError
+from cxrembed.store.compressed import (PQ_KINDS, bytes_per_vector, new_pq_index, pq_params,
+                                       pq_training_size, rerank, to_gpus)
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw") + PQ_KINDS
 ADD_BLOCK = 65_536  # rows read from the store and added per step
 TRAIN_PER_CELL = 50  # k-means training points per IVF cell (FAISS warns below 39)
 KMEANS_ITERATIONS = 10  # FAISS's default is 25; cells barely move after 10
@@ -64,6 +71,7 @@ class IndexInfo:
     params: dict[str, Any] = field(default_factory=dict)  # nlist, nprobe, M, efSearch ...
     centred: bool = False  # holds centred vectors (store mean subtracted, re-normalised)
     centre: str = "off"  # the --centre asked when it was built (auto | on | off)
+    bytes_per_vector: float = 0.0  # index memory per vector (codes + ids); 0: not recorded
 
 
 @dataclass
@@ -125,8 +133,10 @@ def default_nprobe(nlist: int) -> int:
     return int(min(nlist, max(IVF_MIN_PROBE, round(nlist / IVF_PROBE_SHARE))))
 
 
-def default_params(kind: str, n: int) -> dict[str, Any]:
+def default_params(kind: str, n: int, dim: int = 512) -> dict[str, Any]:
     """Build/search parameters of each kind (chosen with ``benchmarks/bench_search.py``)."""
+    if kind in PQ_KINDS:
+        return pq_params(n, dim, default_nlist(n))
     if kind == "flat":
         return {}
     if kind == "ivf":
@@ -148,13 +158,14 @@ class IndexBuilder:
                  gpu: bool | None, seed: int) -> None:
         faiss = _faiss()
         self.faiss, self.kind, self.seed = faiss, kind, seed
-        self.params = {**default_params(kind, n), **(params or {})}
+        defaults = default_params(kind, n, dim)
+        self.params = {**defaults, **(params or {})}
         if kind == "ivf" and "nprobe" not in (params or {}):  # follow a given nlist
             self.params["nprobe"] = default_nprobe(int(self.params["nlist"]))
-        unknown = set(self.params) - set(default_params(kind, n))
+        unknown = set(self.params) - set(defaults)
         if unknown:
             raise ConfigError(f"unknown {kind} index parameter(s) {', '.join(sorted(unknown))}; "
-                              f"expected {', '.join(default_params(kind, n)) or 'none'}")
+                              f"expected {', '.join(defaults) or 'none'}")
         use_gpu = gpu_available() if gpu is None else gpu
         if use_gpu and not gpu_available():
             raise ConfigError("gpu=True but faiss-gpu or a GPU is missing: pip install "
@@ -162,6 +173,8 @@ class IndexBuilder:
         metric = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
+        elif kind in PQ_KINDS:
+            index = new_pq_index(faiss, kind, dim, n, self.params, seed, KMEANS_ITERATIONS)
         elif kind == "ivf":
             if self.params["nlist"] > n:
                 raise ConfigError(f"nlist {self.params['nlist']} exceeds the {n} vectors")
@@ -179,25 +192,35 @@ class IndexBuilder:
             index.hnsw.efSearch = int(self.params["efSearch"])
             use_gpu = False  # HNSW has no GPU build in FAISS
         self.gpu_res = None
+        if use_gpu and kind in PQ_KINDS:  # every GPU, sharded (never run: no GPU here)
+            index, use_gpu = to_gpus(faiss, index), False
+            self.on_gpus = True
         if use_gpu:
             self.gpu_res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self.gpu_res, 0, index)
             log.info("building the %s index on the GPU", kind)
         self.index = index
 
+    on_gpus = False  # a PQ index spread over every GPU by :func:`to_gpus`
+
     @property
     def needs_training(self) -> bool:
-        return self.kind == "ivf"
+        return self.kind == "ivf" or self.kind in PQ_KINDS
+
+    def training_size(self, n: int) -> int:
+        """Up to 50 points per cell (ivf); at least 64 per PQ centroid (PQ kinds)."""
+        if self.kind in PQ_KINDS:
+            return pq_training_size(n, self.params, TRAIN_PER_CELL)
+        return min(n, TRAIN_PER_CELL * int(self.params.get("nlist", 1)))
 
     def training_rows(self, n: int) -> np.ndarray:
-        """Rows to train on: up to 50 points per cell, drawn with a fixed seed."""
-        want = min(n, TRAIN_PER_CELL * int(self.params.get("nlist", 1)))
+        """Rows to train on (:meth:`training_size` of them), drawn with a fixed seed."""
         rng = np.random.default_rng(self.seed)
-        return np.sort(rng.choice(n, size=want, replace=False))
+        return np.sort(rng.choice(n, size=self.training_size(n), replace=False))
 
     def train(self, sample: np.ndarray) -> None:
         if self.needs_training:
-            if len(sample) > TRAIN_PER_CELL * self.params["nlist"]:
+            if len(sample) > self.training_size(len(sample)):
                 sample = sample[self.training_rows(len(sample))]
             self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
@@ -205,7 +228,7 @@ class IndexBuilder:
         self.index.add(np.ascontiguousarray(block, dtype=np.float32))
 
     def finish(self) -> Any:
-        if self.gpu_res is not None:
+        if self.gpu_res is not None or self.on_gpus:
             return self.faiss.index_gpu_to_cpu(self.index)
         return self.index
 
@@ -215,8 +238,9 @@ def build_index(store_path: str | os.PathLike, kind: str = "flat", *,
                 progress: bool = False, centre: str = "auto") -> Path:
     """Build the index of a complete store and save it beside it; returns its path.
 
-    Vectors are read from the store in blocks; the index itself (N × D float32) is held in
-    memory while it is built. ``centre``: auto | on | off, see
+    Vectors are read from the store in blocks (a seeded sample first, to train ivf and the
+    PQ kinds); the index itself is held in memory while it is built (N × D float32 for
+    flat and ivf, ``bytes_per_vector`` × N for the PQ kinds). ``centre``: auto | on | off, see
     :func:`cxrembed.store.centring.resolve_centring`.
     """
     faiss = _faiss()
@@ -252,7 +276,9 @@ def _build(store_path: str | os.PathLike, kind: str, params: dict[str, Any] | No
         index = builder.finish()
         info = IndexInfo(kind=kind, ntotal=int(index.ntotal), dim=store.embed_dim,
                          store_uuid=str(store.attrs.get("uuid", "")), params=builder.params,
-                         centred=centring.centred, centre=centring.choice)
+                         centred=centring.centred, centre=centring.choice,
+                         bytes_per_vector=bytes_per_vector(kind, store.embed_dim,
+                                                           builder.params))
     return index, info
 
 
@@ -346,7 +372,8 @@ def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedInd
     # fail on IVF).
     flags = 0
     if mmap:
-        flags = faiss.IO_FLAG_MMAP if info.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
+        ivf_lists = info.kind == "ivf" or info.kind in PQ_KINDS
+        flags = faiss.IO_FLAG_MMAP if ivf_lists else faiss.IO_FLAG_MMAP_IFC
         flags |= faiss.IO_FLAG_READ_ONLY
     try:
         index = faiss.read_index(str(path), flags)
@@ -361,16 +388,22 @@ def load_index(store: Any, *, mmap: bool = True, gpu: bool = False) -> LoadedInd
     if gpu:
         if not gpu_available():
             raise ConfigError("gpu=True but faiss-gpu or a GPU is missing")
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        index = (to_gpus(faiss, index) if info.kind in PQ_KINDS
+                 else faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index))
     return LoadedIndex(index=index, info=info)
 
 
 def search_index(index: Any, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None,
-                 params: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 params: dict[str, Any] | None = None,
+                 vectors: Callable[[np.ndarray], np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of unit ``queries`` (q, D) among ``allowed`` rows.
 
-    ``allowed`` is a boolean mask over the index's rows (None: all). Returns similarities
-    and rows, ``(q, k)`` each; slots with no result hold row -1.
+    ``allowed`` is a boolean mask over the index's rows (None: all). With a ``rerank``
+    parameter k' > 0 (the PQ kinds) and ``vectors`` (rows -> unit float32 vectors, e.g. the
+    store's :meth:`~EmbeddingStore.embeddings_at`), the index finds max(k, k') candidates
+    and the top ``k`` of them are re-scored exactly. Returns similarities and rows,
+    ``(q, k)`` each; slots with no result hold row -1.
     """
     faiss = _faiss()
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -387,6 +420,11 @@ def search_index(index: Any, queries: np.ndarray, k: int, *, allowed: np.ndarray
         search_params = faiss.SearchParameters(**kwargs)
     else:
         search_params = None
+    candidates = int(params.get("rerank") or 0) if vectors is not None else 0
+    if candidates > 0:
+        _, found = index.search(queries, min(max(k, candidates), index.ntotal),
+                                params=search_params)
+        return rerank(queries, found, k, vectors)
     sims, rows = index.search(queries, k, params=search_params)
     return sims, rows
 

@@ -285,6 +285,29 @@ class EmbeddingStore:
             x /= np.maximum(norms, np.finfo(np.float32).tiny)[:, None]
         return x
 
+    def embeddings_at(self, rows: Any) -> np.ndarray:
+        """float32 unit vectors of scattered ``rows`` (re-ranking's candidates), reading
+        only those rows, never the span between them as :meth:`embeddings` may.
+
+        A contiguous, uncompressed dataset (what the writer makes) is memory-mapped; any
+        other layout (chunked, virtual) is read with h5py's point selection (slower).
+        """
+        rows = self._check_rows(rows)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        x = self._scattered("embedding", uniq).astype(np.float32)
+        x /= np.maximum(self._scattered("embedding_norm", uniq),
+                        np.finfo(np.float32).tiny)[:, None]
+        return x[inverse]
+
+    def _scattered(self, name: str, sorted_rows: np.ndarray) -> np.ndarray:
+        maps = self.__dict__.setdefault("_maps", {})
+        if name not in maps:
+            dset = self._file[name]
+            offset = dset.id.get_offset()
+            maps[name] = dset if offset is None or dset.chunks is not None else np.memmap(
+                self.path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
+        return np.asarray(maps[name][sorted_rows])
+
     def norms(self, rows: Any = None) -> np.ndarray:
         """float32 L2 norms of the stored raw vectors."""
         return self._gather("embedding_norm", self._check_rows(rows)).astype(np.float32)
@@ -360,6 +383,7 @@ class EmbeddingStore:
     # ---------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self.__dict__.pop("_maps", None)
         if self._file is not None:
             self._file.close()
             self._file = None
