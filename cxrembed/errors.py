@@ -26,3 +26,8 @@ class ModelError(CxrembedError):
 
 class StoreError(CxrembedError):
     """An embedding store or index is missing, incomplete, or from another encoder."""
+
+
+class DiskFullError(CxrembedError):
+    """A write failed for want of space (disk full, quota, file size limit); what was
+    written before is intact and the command can be run again once space is freed."""

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
-from cxrembed.files import atomic_write_text
+from cxrembed.files import atomic_write_text, disk_full_error, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,25 @@ class _Output:
                               "head, or with/without --store); write to another --out")
 
     def append(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._append(rows)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            self._abandon()
+            # A row cut off here is dropped by the rerun (see _existing), and redone.
+            raise disk_full_error(self.work, exc, f"the {len(self.done)} rows written before "
+                                  "are kept") from exc
+        self.done.extend(rows)
+
+    def _abandon(self) -> None:
+        """Close the file after a failed write (its close would retry the write)."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+    def _append(self, rows: list[dict[str, Any]]) -> None:
         if self.file is None:
             fresh = not self.work.exists() or self.work.stat().st_size == 0
             self.file = open(self.work, "a", encoding="utf-8", newline="")
@@ -206,7 +225,6 @@ class _Output:
             writer.writerows([[r[c] for c in self.columns] for r in rows])
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.done.extend(rows)
 
     def finish(self) -> None:
         if self.file is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cxrembed.errors import DiskFullError
 from cxrembed.files import atomic_write, atomic_write_text
 
 
@@ -23,7 +24,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         tmp.write_bytes(b"half")
         raise OSError("No space left on device")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(DiskFullError, match=r"no space left to write .*model.safetensors "
+                       r"\(No space left on device\).*free disk space"):
         atomic_write(path, write_half)
     assert path.read_bytes() == b"old weights"
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

@@ -106,7 +106,7 @@ def restore_state(folder: RunFolder, training: Training) -> RunState:
         state = RunState.load(folder.out / "state", folder.progress, training.model,
                               training.optimizer, training.scheduler)
     if training.launch.main:
-        rewrite_metrics(folder.out / "metrics.jsonl", state.epochs_done)
+        rewrite_metrics(folder.out / "metrics.jsonl", state.history)
     return state
 
 

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from cxrembed.errors import CxrembedError
+from cxrembed.errors import CxrembedError, DiskFullError
+from cxrembed.files import is_disk_full
 from cxrembed.fewshot.results import to_jsonable
 from cxrembed.progress import console  # one stderr console: messages, logs, progress bars
 
@@ -85,9 +86,15 @@ def _run(app: typer.Typer) -> int:
     try:
         returned = app(standalone_mode=False)
     except (CxrembedError, OSError) as exc:  # OSError: disk full, permissions, no folder
-        console.print(f"[bold red]error{_which_rank()}:[/] {exc}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"[bold red]error{_which_rank()}:[/] {_disk_full_hint(exc, app)}",
+                      highlight=False, soft_wrap=True)
         _record_for_torchrun(exc)
+        return EXIT_ERROR
+    except RuntimeError as exc:  # a library's failed write (h5py, faiss) on a full disk
+        if not is_disk_full(exc):
+            raise
+        console.print(f"[bold red]error{_which_rank()}:[/] {_disk_full_hint(exc, app)}",
+                      highlight=False, soft_wrap=True)
         return EXIT_ERROR
     except typer.Exit as exc:
         return exc.exit_code
@@ -121,6 +128,15 @@ def _record_for_torchrun(exc: BaseException) -> None:
     handler = get_error_handler()
     handler.initialize()
     handler.record_exception(exc)
+
+
+def _disk_full_hint(exc: BaseException, app: typer.Typer) -> str:
+    """The error's message; on a full disk, with what to run once space is freed."""
+    if not (isinstance(exc, DiskFullError) or is_disk_full(exc)):
+        return str(exc)
+    text = str(exc) if isinstance(exc, DiskFullError) else \
+        f"no space left on the device ({exc}); free disk space"
+    return f"{text} ({_resume_hint(app, sys.argv[1:])})"
 
 
 def _click_exception_class() -> type[Exception]:

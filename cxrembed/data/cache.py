@@ -26,7 +26,7 @@ import numpy as np
 from cxrembed.data.images import IMAGE_SIZE, PREPROCESSING, decode
 from cxrembed.data.nih import NIHDataset
 from cxrembed.errors import DataError
-from cxrembed.files import atomic_write
+from cxrembed.files import atomic_write, check_space, disk_full_error, is_disk_full
 from cxrembed.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,6 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
             instead of stopping at the first; reading them from the cache is refused.
     Returns the cache path. Rows already done in an earlier, interrupted build are kept.
     """
-    import h5py
-
     out = Path(out)
     if len(dataset) == 0:
         raise DataError(f"no image to cache: none of the images that the metadata of "
@@ -111,8 +109,29 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
     rows = None if overwrite or not out.exists() else _cache_rows(out, ids, size, decoder)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if rows is None:  # under its name only once whole: a rerun after Ctrl-C finds a cache
+        check_space(out, n * size * size, f"a pixel cache of {n:,} images")
         atomic_write(out, lambda tmp: _create_file(tmp, ids, size, decoder))
         rows = np.arange(n)
+    try:
+        _fill(out, dataset, rows, n, size, decoder, skip_bad, workers, progress)
+    except (OSError, RuntimeError) as exc:  # h5py reports some failed writes as RuntimeError
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(out, exc, "the images cached so far are kept (the same command "
+                              "resumes after them)") from exc
+    skipped = json.loads(_attr(out, "skipped") or "{}")
+    if skipped:
+        log.warning("%d unreadable image(s) skipped in cache %s (first: %s)", len(skipped), out,
+                    next(iter(skipped.items())))
+    log.info("pixel cache of %d images at %s", n, out)
+    return out
+
+
+def _fill(out: Path, dataset: NIHDataset, rows: np.ndarray, n: int, size: int, decoder: str,
+          skip_bad: bool, workers: int, progress: bool) -> None:
+    """Decode the rows not done yet into the cache, block by block, then mark it complete."""
+    import h5py
+
     # Workers start before the file is opened, so that none of them inherits its handle
     # (and its lock): after a kill -9 the rerun can open the file at once.
     with _pool(workers) as pool, h5py.File(out, "a") as f:
@@ -129,12 +148,6 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
                 _commit_block(f, block, arr, bad, f["image_id"])
                 advance(len(block))
         f.attrs["complete"] = True
-    skipped = json.loads(_attr(out, "skipped") or "{}")
-    if skipped:
-        log.warning("%d unreadable image(s) skipped in cache %s (first: %s)", len(skipped), out,
-                    next(iter(skipped.items())))
-    log.info("pixel cache of %d images at %s", n, out)
-    return out
 
 
 def _create_file(path: Path, ids: np.ndarray, size: int, decoder: str) -> None:
@@ -152,7 +165,14 @@ def _create(f, ids: np.ndarray, size: int, decoder: str) -> None:
                    preprocessing=json.dumps(PREPROCESSING), complete=False, skipped="{}")
     f.create_dataset("image_id", data=ids.astype(object), dtype=h5py.string_dtype())
     f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
-    f.create_dataset("pixels", shape=(n, size, size), dtype=np.uint8)
+    # All of the pixels' space is taken now, while the file is still a temporary one: a
+    # full disk (or file size limit) then fails here, before the cache takes its name, and
+    # never leaves a file whose size its header contradicts (which h5py cannot reopen).
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # rows are read only once marked done
+    f.create_dataset("pixels", shape=(n, size, size), dtype=np.uint8, dcpl=dcpl)
     f.flush()
 
 

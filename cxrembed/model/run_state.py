@@ -24,7 +24,7 @@ import torch
 
 from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError
-from cxrembed.files import atomic_write, atomic_write_text
+from cxrembed.files import atomic_write, atomic_write_text, disk_full_error, is_disk_full
 
 PROGRESS_FILE = "progress.json"
 
@@ -255,14 +255,19 @@ def check_run_dir(out: Path, identity: dict, resume: bool, overwrite: bool,
                               "--resume to continue it (or show its result if finished) or "
                               "--overwrite to start over")
         return saved
-    if resume:
-        raise ConfigError(f"nothing to resume in {out}: it holds no config.json; drop --resume")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the run")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    # A run killed before its config.json was written left nothing of itself (at most an
+    # empty state/): --resume starts it, as encode --resume starts a store that is not there.
+    if out.exists() and _holds_files(out) and not overwrite:
         raise ConfigError(f"{out} is not empty and holds no cxrembed run; choose a new or empty "
                           "--out folder (or pass --overwrite to write into it anyway)")
     return None
+
+
+def _holds_files(out: Path) -> bool:
+    """Whether ``out`` holds anything but empty folders (what a killed start leaves)."""
+    return any(not path.is_dir() or _holds_files(path) for path in out.iterdir())
 
 
 def start_run_dir(out: Path, identity: dict, overwrite: bool) -> None:
@@ -270,8 +275,9 @@ def start_run_dir(out: Path, identity: dict, overwrite: bool) -> None:
     and write its ``config.json``: the first write of a run."""
     if overwrite and out.is_dir():
         remove_run(out)
-    (out / "state").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(identity, indent=2))
+    (out / "state").mkdir(exist_ok=True)
 
 
 def remove_run(out: Path) -> None:
@@ -284,20 +290,26 @@ def remove_run(out: Path) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # The resumed run writes this epoch's line again (rewrite_metrics).
+        raise disk_full_error(path, exc, "the epochs committed before are kept") from exc
 
 
-def rewrite_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metrics lines past the last committed epoch (a kill can leave one behind)."""
-    if not path.is_file():
+def rewrite_metrics(path: Path, history: list[dict]) -> None:
+    """Make ``metrics.jsonl`` the committed epochs' records (progress.json's ``history``,
+    the very dicts the lines were written from): a line past the last commit, or one cut
+    off by a kill or a full disk, is dropped; one that a kill (or full disk) kept from
+    being appended just after its epoch's commit is written back."""
+    if not path.is_file() and not history:
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done
-            and json.loads(line).get("split") != "test"]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in history))
 
 
 def read_progress(state_dir: Path) -> dict | None:

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxrembed.errors import DataError
+from cxrembed.files import atomic_write_text
 from cxrembed.report import figures, sections
 from cxrembed.report.inputs import Inputs, find_inputs
 from cxrembed.store.health import COLLAPSED_COSINE
@@ -98,7 +99,7 @@ def write_report(paths: str | os.PathLike | Sequence[str | os.PathLike],
             f"<style>{sections.CSS}</style></head><body><main>{''.join(body)}</main></body>"
             "</html>")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(page, encoding="utf-8")
+    atomic_write_text(out, page)  # a full disk leaves the previous report as it was
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 1e6)
     warnings = list(comparison.warnings) if comparison else []
     warnings += [f"{s['path']}: {s['health']['why']}" for s in stores

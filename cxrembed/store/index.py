@@ -49,6 +49,7 @@ import numpy as np
 from cxrembed.errors import ConfigError, StoreError
 from cxrembed.store.compressed import (PQ_KINDS, bytes_per_vector, new_pq_index, pq_params,
                                        pq_training_size, rerank, to_gpus)
+from cxrembed.files import disk_full_error, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,9 @@ def _write_tmp(faiss: Any, index: Any, info: IndexInfo, out: Path) -> Path:
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         _info_path(tmp).unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full_error(out, exc, "the store itself is complete; `cxrembed index "
+                                  "STORE` builds its index") from exc
         raise StoreError(f"cannot write index {out}: {exc}") from exc
     return tmp
 

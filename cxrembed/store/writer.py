@@ -14,7 +14,7 @@ import numpy as np
 
 from cxrembed import __version__
 from cxrembed.errors import StoreError
-from cxrembed.files import atomic_write_text
+from cxrembed.files import atomic_write_text, check_space, disk_full_error, is_disk_full
 from cxrembed.labels import LABELS
 from cxrembed.store.lock import acquire, holding_lock, release
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
@@ -143,6 +143,9 @@ class StoreWriter:
                 raise StoreError(f"{name} must be ({n}, {len(label_names)}) for "
                                  f"{len(label_names)} label names, got {np.shape(value)}")
         tmp = path.with_name(path.name + ".creating")
+        # The vectors alone (a lower bound): a store that cannot fit is refused unwritten.
+        per_row = embed_dim * 2 + 4 + (4 * len(head_label_names) if has_head else 0)
+        check_space(path, n * per_row, f"a store of {n:,} rows")
         try:
             with h5py.File(tmp, "w") as f:
                 base = {
@@ -192,8 +195,12 @@ class StoreWriter:
             # Only a fully created file takes the store's name: a kill during creation
             # leaves a stray ``.creating`` file, never a half-made store.
             os.replace(tmp, path)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # h5py reports some failed writes as RuntimeError
             tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full_error(path, exc, "no store was created") from exc
+            if isinstance(exc, RuntimeError):
+                raise
             raise StoreError(f"cannot create store {path}: {exc}") from exc
         return cls._open_rw(path)
 
