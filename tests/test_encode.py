@@ -389,3 +389,32 @@ def test_decode_bound_is_said_only_for_pngs_that_kept_the_model_waiting():
     assert not decode_bound(pngs, StageSeconds(read=1.0, infer=9.0))  # ViT-B-32 on a CPU
     assert not decode_bound(cached, StageSeconds(read=9.0, infer=1.0))  # nothing to cache
     assert EncodeResult(Path("s.h5"), None, 1, 1, 0, 1.0, 1.0).to_dict()["decode_bound"] is False
+
+
+def test_encode_from_pngs_measures_its_wait_on_decoding_and_says_so(tmp_path, fake_module,
+                                                                     caplog):
+    """1024 px PNGs (as NIH's) and a model far cheaper than decoding them: the pipeline's
+    own figures show it waited on the reader longer than the model ran, and encode says to
+    build the pixel cache; from the cache it does not."""
+    import logging
+
+    from cxrembed.data.cache import build_pixel_cache
+    from cxrembed.data.nih import load_nih
+    from cxrembed.data.synth import make_twin
+
+    data = load_nih(make_twin(tmp_path / "nih", images=24, size=1024, seed=1, workers=0))
+    with caplog.at_level(logging.INFO, logger="cxrembed.encode.pipeline"):
+        from_pngs = encode(data, tmp_path / "png.h5", fake_module.FakeEncoder())
+    stages = from_pngs.stage_seconds  # measured by the pipeline, not set by the test
+    assert stages["read"] > stages["infer"] > 0
+    assert from_pngs.decode_bound and from_pngs.to_dict()["decode_bound"] is True
+    said = [r.getMessage() for r in caplog.records if "decode-bound" in r.getMessage()]
+    assert len(said) == 1 and f"waited {stages['read']:.1f} s" in said[0]
+    assert "cxrembed cache" in said[0]
+    cache = build_pixel_cache(data, tmp_path / "pixels.h5", workers=0, progress=False)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cxrembed.encode.pipeline"):
+        from_cache = encode(data, tmp_path / "cached.h5", fake_module.FakeEncoder(),
+                            pixel_cache=cache)
+    assert not from_cache.decode_bound
+    assert not any("decode-bound" in r.getMessage() for r in caplog.records)

@@ -161,8 +161,26 @@ def test_cli_refuses_cuda_without_a_gpu_before_any_work(world, tmp_path):
     done = subprocess.run([sys.executable, "-m", "cxrembed", "fewshot", str(tmp_path / "s.h5"),
                            "--device", "cuda", "--out", str(tmp_path / "f")],
                           capture_output=True, text=True)
-    assert done.returncode == 1 and "no CUDA GPU" in done.stderr
+    assert done.returncode == 1 and "--device cuda:" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "f").exists()
+
+
+def test_device_auto_runs_where_torch_can_and_cuda_is_refused_before_any_work(world):
+    """``--device auto`` takes a GPU only when torch sees one (here: the CPU, the same
+    numbers as ``cpu``, the device used kept in the result); CUDA asked for without one is
+    refused by name before anything is fitted."""
+    torch = pytest.importorskip("torch")
+    options = dict(shots=(2,), seeds=2, bootstrap=20, heads=("mlp", "zeroshot"))
+    auto = sweep(eval_data(world), device="auto", **options)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert auto.source["device"].startswith(expected)
+    if expected == "cpu":
+        cpu = sweep(eval_data(world), device="cpu", **options)
+        assert auto.summary == cpu.summary
+        with pytest.raises(ConfigError, match="--device cuda:1"):
+            sweep(eval_data(world), device="cuda:1", **options)
+    with pytest.raises(ConfigError, match="unknown device 'tpu'.*auto, cpu, cuda"):
+        sweep(eval_data(world), device="tpu", **options)
 
 
 def test_heads_beat_chance_and_improve_with_shots(world):

@@ -183,8 +183,9 @@ def fewshot(
     out: Annotated[Path, typer.Option(
         "--out", help="Folder for JSON, CSV, config and plot.")] = Path("fewshot"),
     device: Annotated[str, typer.Option(
-        "--device", help="cpu, or cuda / cuda:N: the mlp head and the AUC scorer on a GPU."
-    )] = "cpu",
+        "--device", help="auto (a GPU when there is one), cpu, cuda or cuda:N: where the mlp "
+        "head and the AUC scorer run (the other heads run on the CPU)."
+    )] = "auto",
     no_progress: NoProgressOpt = False,
     json_out: JsonOpt = False,
 ) -> None:

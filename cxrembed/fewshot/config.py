@@ -34,8 +34,9 @@ class FewShotConfig:
     seed: int = 0  # base seed of draws, head initialisations and resamples
     test_split: str = "test"
     head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # torch device of the mlp head and the AUC scorer ("cuda": both on the GPU; the other
-    # heads are numpy/FAISS on the CPU either way)
+    # torch device of the mlp head and the AUC scorer: "cpu", "cuda[:N]" (both on the GPU;
+    # the other heads are numpy on the CPU either way) or "auto" (a GPU when there is one);
+    # the device the sweep ran on is in its result (source["device"])
     device: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -37,7 +37,8 @@ class _Scorer:
     every head and shot count (so cells are compared on the same resamples)."""
 
     def __init__(self, labels: np.ndarray, patient_id: np.ndarray, config: FewShotConfig,
-                 known: np.ndarray | None = None, names: tuple[str, ...] | None = None):
+                 known: np.ndarray | None = None, names: tuple[str, ...] | None = None,
+                 device: str = "cpu"):
         self.labels, self.known = labels, known
         self.names = tuple(names) if names is not None else tuple(
             f"class {i}" for i in range(labels.shape[1]))
@@ -47,7 +48,8 @@ class _Scorer:
         self.seeds = config.seeds
         self.weights = (resample_patients(int(self.index.max()) + 1, config.bootstrap,
                                           config.seed) if self.method != "none" else None)
-        self.device = None if config.device == "cpu" else config.device
+        # numpy on the CPU; torch (weighted_aucs_torch, tested on the CPU) on a GPU
+        self.device = None if device == "cpu" else device
 
     def score(self, scores: np.ndarray, seed_slot: int | None
               ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -98,7 +100,7 @@ class _Scorer:
 
 
 def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
-                 init_state: dict | None) -> dict[str, Any]:
+                 init_state: dict | None, device: str | None = None) -> dict[str, Any]:
     from cxrembed.heads import HEADS
 
     kwargs = dict(config.head_options.get(name, {}))
@@ -108,18 +110,19 @@ def _head_kwargs(name: str, config: FewShotConfig, data: EvalData, seed: int,
     if name == "mlp" and init_state is not None:
         kwargs["init_state"] = init_state
     if name == "mlp":
-        kwargs.setdefault("device", config.device)
+        kwargs.setdefault("device", device or config.device)
     return kwargs
 
 
 def sweep_head(name: str, config: FewShotConfig, data: EvalData, shots: int, seed: int,
-               init_state: dict | None = None) -> Any:
+               init_state: dict | None = None, device: str | None = None) -> Any:
     """The unfitted head the sweep fits on draw ``seed`` at ``shots``: its options, its own
-    seed, the prompt vectors it needs. ``cxrembed fit`` makes its heads here too."""
+    seed, the prompt vectors it needs (``device``: the resolved ``config.device``).
+    ``cxrembed fit`` makes its heads here too."""
     from cxrembed.heads import make_head
 
     head_seed = int(seeded_rng(config.seed, seed, shots, 7).integers(2**31))
-    return make_head(name, **_head_kwargs(name, config, data, head_seed, init_state))
+    return make_head(name, **_head_kwargs(name, config, data, head_seed, init_state, device))
 
 
 def draw_sample(data: EvalData, config: FewShotConfig, shots: int | Sequence[int], seed: int
@@ -179,8 +182,8 @@ class _Sweep:
     def __init__(self, data: EvalData, config: FewShotConfig, keep_scores: bool) -> None:
         if any(h in TEXT_HEADS for h in config.heads) and data.text is None:
             raise ConfigError("heads zeroshot and tip need prompt embeddings (EvalData.text)")
-        if config.device != "cpu":
-            torch_device(config.device)  # refused now, before any work, if absent
+        # "auto" resolved once, and an absent GPU refused now, before any work
+        self.device = str(torch_device(config.device)) if config.device != "cpu" else "cpu"
         self.data, self.config = data, config
         self.test = data.rows(config.test_split)
         self.train, self.val = data.rows("train"), data.rows("val")
@@ -198,7 +201,7 @@ class _Sweep:
         self.x_test_raw, self.x_test_unit = data.vectors(self.test)
         self.scorer = _Scorer(data.labels[self.test].astype(np.uint8),
                               data.patient_id[self.test], config, data.known[self.test],
-                              data.label_names)
+                              data.label_names, self.device)
         self.trained = [h for h in config.heads if h not in TRAINING_FREE]
         self.free = [h for h in config.heads if h in TRAINING_FREE]
         if ("adapted" in self.free or (config.init == "adapted" and "mlp" in self.trained)) \
@@ -280,8 +283,8 @@ class _Sweep:
         """One head on every seed's draw at this shot count; scores handed to scoring."""
         from cxrembed.heads import HEADS
 
-        heads = [sweep_head(name, self.config, self.data, shots, d.seed, self.init_state)
-                 for d in draws]
+        heads = [sweep_head(name, self.config, self.data, shots, d.seed, self.init_state,
+                            self.device) for d in draws]
         raw = heads[0].input == "raw"
         fit_many = getattr(HEADS[name], "fit_many", None)
         fit_seconds = []
@@ -354,7 +357,7 @@ class _Sweep:
                   "eval_set": eval_set(config.test_split, self.data.image_id, self.test),
                   "n_test_patients": int(self.scorer.index.max()) + 1,
                   "n_train": int(len(self.train)), "n_val": int(len(self.val)),
-                  "shortfall": self.shortfall,
+                  "shortfall": self.shortfall, "device": self.device,
                   "ci": {"method": self.scorer.method, "n_resamples": config.bootstrap,
                          "level": config.level, "unit": "patient", "seed": config.seed}}
         return FewShotResult(config=config, runs=self.runs, summary=summary,

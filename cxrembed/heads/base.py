@@ -171,19 +171,14 @@ def cosine(X: np.ndarray, unit: np.ndarray) -> np.ndarray:
     return out
 
 
-def torch_device(name: str) -> Any:
-    """A torch device by name, refusing CUDA where torch sees none (never a silent CPU
-    run in place of the GPU asked for)."""
-    import torch
+def torch_device(name: Any) -> Any:
+    """A torch device by name (``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a torch.device),
+    through :func:`cxrembed.device.resolve_device`: ``auto`` takes a GPU only when there is
+    one, and CUDA asked for where torch sees none is refused (never a silent CPU run in
+    place of the GPU asked for)."""
+    from cxrembed.device import resolve_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but torch sees no CUDA GPU (torch "
-                          f"{torch.__version__}); use device 'cpu'")
-    return device
+    return resolve_device(name)
 
 
 @contextlib.contextmanager
