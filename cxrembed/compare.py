@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxrembed.compare_classes import dataset_of, match_published
 from cxrembed.errors import DataError
 from cxrembed.fewshot.results import load_result
 from cxrembed.labels import LABELS
@@ -132,23 +133,39 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     #: what makes the table questionable (mixed test sets, missing set records)
     warnings: list[str] = field(default_factory=list)
+    #: None when our classes are NIH's (Table 1's own layout); else our class -> the NIH
+    #: class whose published figures are shown beside it (only the classes that match)
+    published_classes: dict[str, str] | None = None
+    #: the collections our results were scored on (``nih``, ``chexpert``, ...)
+    datasets: list[str] = field(default_factory=list)
 
     @property
     def columns(self) -> list[Column]:
         return self.published + self.ours
 
-    def table1(self) -> list[dict[str, Any]]:
-        """Rows (the classes, then ``Mean``): published columns, then ours. The classes are
-        NIH's 14 when any column is NIH's, else those of our results, in first-seen order
-        (a CheXpert or PadChest result keeps its own classes)."""
-        rows = []
+    def classes(self) -> list[str]:
+        """The rows' classes: NIH's 14 (then any other) when our classes are NIH's, else
+        ours, any number, in first-seen order (a CheXpert or CSV result keeps its own)."""
         names = list(dict.fromkeys(n for col in self.ours for n in col.per_class))
-        if self.published or not names or set(LABELS) <= set(names):
+        if self.published_classes is None:
             names = list(LABELS) + [n for n in names if n not in LABELS]
-        for name in names + ["Mean"]:
+        return names
+
+    def table1(self) -> list[dict[str, Any]]:
+        """Rows (the classes, then ``Mean``): published columns, then ours. Outside NIH's
+        layout a published cell is filled only for a class that matches an NIH class
+        (:attr:`published_classes`), and the published means (over NIH's 14) are left out."""
+        rows = []
+        match = self.published_classes
+        for name in self.classes() + ["Mean"]:
             row: dict[str, Any] = {"class": name}
             for col in self.columns:
-                row[col.name] = col.mean if name == "Mean" else col.per_class.get(name)
+                if name == "Mean":
+                    row[col.name] = None if col.published and match is not None else col.mean
+                elif col.published and match is not None:
+                    row[col.name] = col.per_class.get(match.get(name, ""))
+                else:
+                    row[col.name] = col.per_class.get(name)
             rows.append(row)
         return rows
 
@@ -162,7 +179,8 @@ class Comparison:
         return {"format": "cxrembed.compare", "format_version": 2, "paper": PAPER_TITLE,
                 "published_mean": PUBLISHED_MEAN, "published_fewshot": PUBLISHED_FEWSHOT,
                 "published_source": self.published[0].source if self.published else None,
-                "notes": self.notes, "warnings": self.warnings,
+                "notes": self.notes, "warnings": self.warnings, "classes": self.classes(),
+                "datasets": self.datasets, "published_classes": self.published_classes,
                 "encoders": [asdict(e) for e in self.encoders], "eval_sets": self.eval_sets,
                 "columns": [c.to_dict() for c in self.columns],
                 "table1": self.table1(), "fewshot": self.fewshot_table()}
@@ -209,7 +227,8 @@ def published_columns(table: dict[str, dict[str, float]] | None = None,
 def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
                     out: str | os.PathLike | None = None,
                     published: str | os.PathLike | dict[str, dict[str, float]] | None = None,
-                    allow_mixed: bool = False) -> Comparison:
+                    allow_mixed: bool = False, label_map: str | os.PathLike | None = None
+                    ) -> Comparison:
     """Build the comparison from saved results (paths) or result dicts; save it to ``out``.
 
     ``published``: per-class published values, default the shipped Table 1 (a CSV path for
@@ -217,6 +236,11 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
     training-free rows (zeroshot, adapted-head) and each trained head at its largest shot
     count to Table 1, and every head to the few-shot table. Results on different test sets
     raise DataError unless ``allow_mixed``.
+
+    The rows are the classes of our results, any number: NIH's 14 in Table 1's order when
+    they are NIH's; otherwise their own, with the published (NIH) figures beside only the
+    classes that match an NIH class by name or through ``label_map`` (default: the shipped
+    map of exact equivalents), as the notes say.
     """
     if not results:
         raise DataError("nothing to compare: pass at least one result")
@@ -229,16 +253,20 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
     ours: list[Column] = []
     series: list[FewShotSeries] = []
     encoders: dict[str, EncoderRef] = {}
+    datasets: list[str] = []
     for item in results:
         obj = item if isinstance(item, dict) else load_result(
             item, formats=("cxrembed.fewshot", "cxrembed.eval"))
         cols, heads = _columns_of(obj)
+        datasets.append(dataset_of(obj, [n for c in cols for n in c.per_class]))
         ref = _encoder_of(obj, encoders)
         for thing in cols + heads:
             thing.encoder = ref.id
         ours += cols
         series += heads
-    comparison = Comparison(pub, ours, series, encoders=list(encoders.values()))
+    comparison = Comparison(pub, ours, series, encoders=list(encoders.values()),
+                            datasets=list(dict.fromkeys(datasets)))
+    match_published(comparison, label_map)
     labels = [r.label for r in comparison.encoders]
     for ref in comparison.encoders:  # two encoders with one label: add the fingerprint
         if labels.count(ref.label) > 1 and ref.fingerprint_sha256:
@@ -248,7 +276,9 @@ def compare_results(results: Sequence[str | os.PathLike | dict[str, Any]],
     _tag_duplicates(comparison.fewshot)
     comparison.notes += [
         f"published: the paper's Table 1 ({pub[0].source}); its four baselines are quoted "
-        "from Bhardwaj et al.; all on NIH ChestX-ray14's official test list",
+        "from Bhardwaj et al.; all on NIH ChestX-ray14's official test list"
+        + ("" if comparison.published_classes is None else
+           "; not the test set of our columns: a guide, not a comparison"),
         "paper's 0-shot 0.7502 is its adapted supervised head, not text zero-shot",
         "paper's few-shot figures: one draw, one seed; ours: mean +- std over seeds, "
         "95% patient-bootstrap intervals"]

@@ -7,12 +7,14 @@ adapted head, the few-shot sweep, similarity search; then the HTML report.
 
 With ``data=/path/to/NIH, model="ViT-B-32", pretrained="openai"`` the same pipeline runs
 for real, with the paper's settings (a GPU is needed for the adaptation to finish in
-reasonable time).
+reasonable time). ``data`` may be any collection the readers take (CheXpert, MIMIC-CXR-JPG,
+PadChest, a labelled CSV, class folders: ``DemoConfig.data_options``); the head, the
+protocols and the report then use that collection's own classes.
 
 Layout of the output folder (``cxrembed report`` scans it)::
 
     summary.json            what ran, how long, the dataset, each protocol's AUCs, searches
-    nih-twin/               the synthetic data (demo mode only)
+    nih-twin/               the synthetic data (synthetic mode only)
     pixels.h5               the pixel cache
     adapt/                  the adaptation run (config.json, metrics.jsonl, summary.json,
                             model.safetensors, model.json, state/)
@@ -39,101 +41,12 @@ from typing import Any, Callable
 import numpy as np
 
 from cxrembed import __version__
+from cxrembed.demo_config import DemoConfig, check_config
 from cxrembed.device import resolve_device
-from cxrembed.errors import ConfigError
-from cxrembed.labels import LABELS
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class DemoConfig:
-    """What the demo runs. Defaults: the synthetic twin and the tiny model on a CPU."""
-
-    data: str | None = None  # an NIH folder; None: write a synthetic twin
-    # How to read ``data``: the options of every data command (see cxrembed.data.load_nih).
-    csv: str | None = None  # metadata CSV kept elsewhere
-    train_val_list: str | None = None
-    test_list: str | None = None
-    view: str = "all"
-    # None: 0.25 on the twin, 0.1 (the paper's) on real data. The twin's val split at 10%
-    # is ~130 images with 1 positive of several classes: its mean AUC moves by several
-    # points from noise alone.
-    val_fraction: float | None = None
-    split_seed: int = 7
-    allow_missing: bool = False  # continue with the images on disk (a partial download)
-    images: int = 2000  # twin size
-    size: int = 128  # twin PNG side
-    seed: int = 0  # twin seed
-    model: str = "cxr-tiny"
-    pretrained: str = "none"
-    # The tiny model starts from random weights, so its encoder needs larger steps than
-    # the paper's 1e-5 for pretrained CLIP, and all 4 of its blocks (the paper: top 3 of
-    # 12); real runs (model != cxr-tiny) use the paper's settings. Measured on the default
-    # twin (see tests/test_demo.py): with the head 10x faster than the encoder (the
-    # earlier 3e-3 / 1e-2) the head fits the random features at once, val AUC peaks at
-    # epoch 1 and falls, and the store keeps the random encoder's near-identical vectors
-    # (mean pairwise cosine 0.996, as the frozen one); with the encoder 10x faster than the
-    # head (1e-3 / 1e-4) the encoder has to carry the signal, its vectors spread out
-    # and val AUC climbs for several epochs.
-    epochs: int = 10
-    lr_encoder: float | None = None
-    lr_head: float | None = None
-    unfreeze: int | None = None
-    batch_size: int = 32
-    shots: tuple[int, ...] = (1, 2, 4, 8, 16)
-    seeds: int = 10
-    heads: tuple[str, ...] = ("mlp", "linear", "knn", "tip", "zeroshot")
-    searches: int = 3
-    device: str = "auto"
-    workers: int | None = None  # image-reading processes; None: 0 on a CPU, 4 on a GPU
-
-    @property
-    def synthetic(self) -> bool:
-        return self.data is None
-
-    @property
-    def split_val_fraction(self) -> float:
-        """Share of train_val patients held out for val (0.25 on the twin, else 0.1)."""
-        if self.val_fraction is not None:
-            return self.val_fraction
-        return 0.25 if self.synthetic else 0.1
-
-    def data_flags(self) -> str:
-        """The data options as `cxrembed` flags, for the commands the demo shows."""
-        flags = [f"--{name.replace('_', '-')} {value}" for name, value in (
-            ("csv", self.csv), ("train_val_list", self.train_val_list),
-            ("test_list", self.test_list)) if value is not None]
-        defaults = DemoConfig()
-        flags += [f"--{name.replace('_', '-')} {getattr(self, name)}"
-                  for name in ("view", "split_seed")
-                  if getattr(self, name) != getattr(defaults, name)]
-        if self.split_val_fraction != 0.1:  # the data commands' default
-            flags.append(f"--val-fraction {self.split_val_fraction}")
-        return " ".join(flags + (["--allow-missing"] if self.allow_missing else []))
-
-    def load_data(self, folder: str | os.PathLike) -> Any:
-        """The dataset the demo runs on, read with these data options."""
-        from cxrembed.data import load_nih
-
-        return load_nih(folder, csv_path=self.csv, train_val_list=self.train_val_list,
-                        test_list=self.test_list, view=self.view,
-                        val_fraction=self.split_val_fraction, seed=self.split_seed,
-                        missing="drop" if self.allow_missing else "error")
-
-    def adapt_overrides(self, device: str) -> dict[str, Any]:
-        tiny = self.model == "cxr-tiny"
-        # On a CPU the reading processes only compete with training for the same cores.
-        workers = self.workers if self.workers is not None else (0 if device == "cpu" else 4)
-        return {
-            "model": self.model, "pretrained": self.pretrained, "epochs": self.epochs,
-            "batch_size": self.batch_size, "workers": workers,
-            "lr_encoder": self.lr_encoder if self.lr_encoder is not None else
-            (1e-3 if tiny else 1e-5),
-            "lr_head": self.lr_head if self.lr_head is not None else 1e-4,
-            "unfreeze": self.unfreeze if self.unfreeze is not None else (4 if tiny else 3),
-            "val_fraction": self.split_val_fraction,
-        }
+__all__ = ["DemoConfig", "DemoResult", "check_config", "format_step_time", "run_demo"]
 
 
 @dataclass
@@ -249,7 +162,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
               lambda: build_pixel_cache(dataset, pixels, progress=progress),
               reused=_complete_h5(pixels))
 
-    # 2. adaptation (resumes a finished or interrupted run in place)
+    # 2. adaptation (resumes a finished or interrupted run in place); the head is sized
+    #    from the dataset's label set, unknown labels masked
     overrides = config.adapt_overrides(device)
     # The run records the data options it was given, as `cxrembed adapt` would.
     adapt_config = AdaptConfig.from_dict({
@@ -262,7 +176,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     result = steps.run("domain adaptation", f"cxrembed adapt {data_args} --out {run_dir} "
                        f"--pixel-cache {pixels} {flags}",
                        lambda: adapt(dataset, run_dir, adapt_config, pixel_cache=pixels,
-                                     resume=run_dir.exists(), device=device, progress=progress),
+                                     resume=run_dir.exists(), device=device, progress=progress,
+                                     data_options=config.reader_options),
                        reused=(run_dir / "summary.json").is_file())
     if result.stop_reason:
         steps.announce(f"    adaptation {result.stop_reason}")
@@ -304,7 +219,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
         res.save(out / "eval" / f"{slug}.json")
         record = res.to_dict()
         protocols[name] = {
-            "per_class": [record["auc"][c] for c in LABELS], "mean": record["mean_auc"],
+            "labels": list(record["auc"]),
+            "per_class": list(record["auc"].values()), "mean": record["mean_auc"],
             "ci": _mean_ci(record), "description": description,
             "ci_level": ((record.get("ci") or {}).get("bootstrap") or {}).get("level"),
             "source": f"eval/{slug}.json"}
@@ -322,7 +238,8 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     for head in (h for h in curves if curves[h]["shots"][-1] > 0):
         row = fewshot.cell(head, top)
         protocols[f"few-shot {head}, {top}-shot"] = {
-            "per_class": [row["per_class"][c]["mean"] for c in LABELS],
+            "labels": list(row["per_class"]),
+            "per_class": [cell["mean"] for cell in row["per_class"].values()],
             "mean": row["mean_auc"]["mean"], "ci": _row_ci(row),
             "ci_level": fewshot.config.level,
             "description": f"{head} head on {top} shots per class from train, mean over "
@@ -339,11 +256,12 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     summary = {
         "format": "cxrembed.demo",
         "title": "cxrembed demo" + (" (synthetic NIH twin, tiny model, CPU)"
-                                    if config.synthetic else f" ({data})"),
+                                    if config.synthetic else f" ({data}, {dataset.dataset})"),
         "description": ("Synthetic data and a randomly initialised tiny CLIP: these numbers "
                         "show that the pipeline works and learns, not what CLIP achieves on "
                         "real chest X-rays." if config.synthetic else
-                        "The paper's pipeline on a real NIH ChestX-ray14 folder."),
+                        f"The paper's pipeline on {data} (read as {dataset.dataset}: "
+                        f"{len(dataset.label_names)} classes of its own)."),
         "created": dt.datetime.now().isoformat(timespec="seconds"), "version": __version__,
         "config": {k: v for k, v in config.__dict__.items()}, "device": device,
         "dataset": dataset.summary(), "adapt_run": "adapt", "steps": steps.records,
@@ -397,21 +315,21 @@ def _searches(store_path: Path, dataset: Any, out: Path, count: int, pixels: Pat
     (out / "search").mkdir(exist_ok=True)
     test = dataset.split_rows("test")
     rng = np.random.default_rng(0)
-    with_findings = test[dataset.labels[test].sum(axis=1) > 0]
+    positive = dataset.labels & dataset.label_known  # known findings only
+    with_findings = test[positive[test].sum(axis=1) > 0]
     queries = rng.choice(with_findings, size=min(count, len(with_findings)), replace=False)
     records, needed = [], {}
     for row in queries:
         image_id = str(dataset.image_id[row])
+        montage = f"search/{_file_stem(image_id)}.png"
         hits = search(store_path, image_id=image_id, k=5, split="train",
-                      exclude_same_patient=True,
-                      montage=out / "search" / f"{image_id.removesuffix('.png')}.png")
-        labels = [LABELS[k] for k in np.flatnonzero(dataset.labels[row])]
+                      exclude_same_patient=True, montage=out / montage)
+        labels = [dataset.label_names[k] for k in np.flatnonzero(positive[row])]
         records.append({
             "title": f"test image {image_id}: its 5 nearest train images of other patients",
             "query": {"image_id": image_id, "labels": labels},
             "neighbours": [h.to_dict() for h in hits],
-            "centring": hits.centring.to_dict(),
-            "montage": f"search/{image_id.removesuffix('.png')}.png"})
+            "centring": hits.centring.to_dict(), "montage": montage})
         needed[image_id] = row
         for h in hits:
             needed[h.image_id] = int(np.flatnonzero(dataset.image_id == h.image_id)[0])
@@ -421,15 +339,8 @@ def _searches(store_path: Path, dataset: Any, out: Path, count: int, pixels: Pat
     return records, thumbnails(dict(zip(ids, images)))
 
 
-def check_config(config: DemoConfig) -> None:
-    """ConfigError for values the demo cannot run with."""
-    if config.data is not None and not Path(config.data).is_dir():
-        raise ConfigError(f"--data {config.data} is not a folder; give an NIH ChestX-ray14 "
-                          "folder, or leave --data out to use the synthetic twin")
-    files = [f"--{name.replace('_', '-')}" for name in ("csv", "train_val_list", "test_list")
-             if getattr(config, name) is not None]
-    if config.data is None and files:
-        raise ConfigError(f"{', '.join(files)} describe a real NIH folder: pass it with --data "
-                          "(the synthetic twin has its own files)")
-    if config.epochs < 1 or config.seeds < 1:
-        raise ConfigError("--epochs and --seeds must be at least 1")
+def _file_stem(image_id: str) -> str:
+    """A file name for an image id (a CSV's or a class folder's id is a relative path):
+    ``Pneumonia/p1.png`` -> ``Pneumonia_p1``, ``00000001_000.png`` -> ``00000001_000``."""
+    stem = os.path.splitext(image_id)[0]
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "image"

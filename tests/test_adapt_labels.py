@@ -12,6 +12,7 @@ from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from cxrembed.adapt import AdaptConfig, adapt, auc_report, undefined_classes
+from cxrembed.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -164,3 +165,95 @@ def test_encode_with_the_run_then_evaluate_gives_the_datasets_classes(chexpert_r
         else:
             assert summary.val_auc[name] == pytest.approx(
                 roc_auc_score(labels[rows, c], logits[rows, c]), abs=1e-5)
+
+
+CHEXPERT_RESULT = {
+    "format": "cxrembed.eval", "protocol": "adapted-head", "split": "test", "n_rows": 40,
+    "mean_auc": 0.7, "source": {"dataset": "chexpert", "store": "chexpert.h5",
+                                "eval_set": {"split": "test", "n": 40, "ids_sha256": "a" * 64}},
+    "auc": {"Enlarged Cardiomediastinum": 0.61, "Lung Opacity": 0.72, "Edema": 0.73,
+            "Pleural Effusion": 0.84, "Support Devices": 0.6}}
+
+
+def test_compare_lists_the_stores_own_classes_with_published_cells_only_where_they_match():
+    from cxrembed.compare import PAPER, compare_results, published_per_class
+
+    comparison = compare_results([CHEXPERT_RESULT])
+    rows = {r["class"]: r for r in comparison.table1()}
+    assert list(rows) == [*CHEXPERT_RESULT["auc"], "Mean"]  # not NIH's 14
+    paper = f"{PAPER} (published)"
+    ours = comparison.ours[0].name
+    published = published_per_class()[PAPER]
+    assert rows["Pleural Effusion"][paper] == published["Effusion"]  # by the label map
+    assert rows["Edema"][paper] == published["Edema"]  # by name
+    for name in ("Enlarged Cardiomediastinum", "Lung Opacity", "Support Devices"):
+        assert rows[name][paper] is None and rows[name][ours] == CHEXPERT_RESULT["auc"][name]
+    assert rows["Mean"][paper] is None and rows["Mean"][ours] == 0.7  # NIH's 14-class mean
+    note = next(n for n in comparison.notes if n.startswith("classes:"))
+    assert "chexpert" in note and "Pleural Effusion = NIH Effusion" in note
+    assert comparison.to_dict()["classes"] == list(CHEXPERT_RESULT["auc"])
+    # a label set sharing nothing with NIH's: no published column at all, and said so
+    other = dict(CHEXPERT_RESULT, auc={"COVID-19": 0.8, "Viral": 0.7},
+                 source=dict(CHEXPERT_RESULT["source"], dataset="csv"))
+    alone = compare_results([other])
+    assert alone.published == [] and [r["class"] for r in alone.table1()] == [
+        "COVID-19", "Viral", "Mean"]
+    assert any("none matches an NIH" in n for n in alone.notes)
+
+
+def test_report_table_lists_non_nih_classes(tmp_path):
+    from cxrembed.report import write_report
+
+    (tmp_path / "head.json").write_text(json.dumps(CHEXPERT_RESULT))
+    page = write_report([tmp_path / "head.json"], tmp_path / "report.html").path.read_text()
+    table = page[page.index("<h2>Per-class test AUC"):]
+    table = table[:table.index("</table>")]
+    for name in CHEXPERT_RESULT["auc"]:
+        assert f"<tr><td>{name}</td>" in table
+    assert "<tr><td>Hernia</td>" not in table and "<tr><td>Effusion</td>" not in table
+    assert "Pleural Effusion = NIH Effusion" in page
+
+
+def test_demo_takes_the_reader_options_and_refuses_them_without_data(tmp_path):
+    from cxrembed.cli import app
+
+    done = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--dataset", "csv",
+                               "--label-col", "findings"])
+    assert isinstance(done.exception, ConfigError)
+    assert "--dataset, --label-col describe a real data folder" in str(done.exception)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_demo_on_a_labelled_csv_runs_end_to_end_with_its_own_classes(tmp_path):
+    """demo --data on the csv twin (label columns with -1 and blanks: unknown labels): the
+    head, every protocol, the searches and the report use the CSV's classes."""
+    from cxrembed.data.synth_formats import CSV_CLASSES, make_format_twin
+    from cxrembed.demo import DemoConfig, run_demo
+
+    root = make_format_twin(tmp_path / "csv", "csv", images=80, size=32, seed=2, workers=1)
+    options = {"dataset": "csv", "image_col": "image", "label_cols": ",".join(CSV_CLASSES),
+               "patient_col": "patient_id", "split_col": "split", "uncertain": "ignore"}
+    config = DemoConfig(data=str(root / "labels.csv"), data_options=options, epochs=1,
+                        seeds=1, shots=(1,), heads=("linear", "zeroshot"), searches=1,
+                        device="cpu")
+    result = run_demo(tmp_path / "demo", config, progress=False)
+    classes = list(CSV_CLASSES)
+    meta = json.loads((tmp_path / "demo/adapt/model.json").read_text())
+    assert meta["labels"] == classes and meta["head"]["num_classes"] == len(classes)
+    assert set(result.protocols) == {"zero-shot (frozen CLIP)", "zero-shot (adapted)",
+                                     "adapted head", "few-shot linear, 1-shot"}
+    for name, protocol in result.protocols.items():
+        assert protocol["labels"] == classes, name
+    summary = json.loads((tmp_path / "demo/summary.json").read_text())
+    assert summary["dataset"]["dataset"] == "csv"
+    adapt_step = next(s for s in summary["steps"] if s["name"] == "domain adaptation")
+    assert "--dataset csv" in adapt_step["command"] and "--uncertain ignore" in adapt_step[
+        "command"]
+    for search in summary["searches"]:
+        assert set(search["query"]["labels"]) <= set(classes)
+        assert (tmp_path / "demo" / search["montage"]).is_file()
+    page = result.report.read_text()
+    table = page[page.index("<h2>Per-class test AUC"):]
+    for name in classes:
+        assert f"<tr><td>{name}</td>" in table[:table.index("</table>")]

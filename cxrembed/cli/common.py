@@ -284,18 +284,24 @@ _READER_PARAMS = {
 }
 
 
-def reader_options(command):
-    """Add the reader options to a command; it receives them as ``source: ReaderOptions``."""
+def reader_options(command=None, *, exclude: tuple[str, ...] = ()):
+    """Add the reader options to a command; it receives them as ``source: ReaderOptions``.
+
+    ``exclude``: reader options the command does not offer (one whose flag it uses for
+    something else, as ``demo --images``); they keep their defaults."""
+    if command is None:
+        return functools.partial(reader_options, exclude=exclude)
+    offered = {name: spec for name, spec in _READER_PARAMS.items() if name not in exclude}
     signature = inspect.signature(command, eval_str=True)  # resolve Annotated options
     params = [p for p in signature.parameters.values() if p.name != "source"]
     defaults = ReaderOptions()
     params += [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                  default=getattr(defaults, name), annotation=Annotated[kind, opt])
-               for name, (kind, opt) in _READER_PARAMS.items()]
+               for name, (kind, opt) in offered.items()]
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        source = ReaderOptions(**{name: kwargs.pop(name) for name in _READER_PARAMS
+        source = ReaderOptions(**{name: kwargs.pop(name) for name in offered
                                   if name in kwargs})
         return command(*args, source=source, **kwargs)
 

@@ -8,17 +8,20 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DeviceOpt, NoProgressOpt, SplitSeedOpt,
-                                 TestListOpt, TrainValListOpt, ViewOpt, app,
-                                 console)
+from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DeviceOpt, NoProgressOpt,
+                                 ReaderOptions, SplitSeedOpt, TestListOpt, TrainValListOpt,
+                                 ViewOpt, app, console, reader_options)
 
 
 @app.command()
+@reader_options(exclude=("images",))  # demo's --images is the twin's size
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")]
     = Path("cxrembed-demo"),
     data: Annotated[Optional[Path], typer.Option(
-        "--data", help="A real NIH ChestX-ray14 folder (default: a synthetic twin).")] = None,
+        "--data", help="A data folder: NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, "
+        "class folders, or a labelled CSV with --dataset csv (default: a synthetic NIH "
+        "twin).")] = None,
     model: Annotated[str, typer.Option("--model", help="open_clip architecture.")] = "cxr-tiny",
     pretrained: Annotated[str, typer.Option(
         "--pretrained", help="open_clip tag, local weights file, or none.")] = "none",
@@ -39,8 +42,10 @@ def demo(
     split_seed: SplitSeedOpt = 7,
     allow_missing: AllowMissingOpt = False,
     no_progress: NoProgressOpt = False,
+    source: ReaderOptions = None,
 ) -> None:
-    """Run the whole method end to end and write an HTML report (synthetic data by default)."""
+    """Run the whole method end to end and write an HTML report (synthetic data by default;
+    --data: any collection, with its own classes)."""
     from cxrembed.cli.evaluate import _int_list
     from cxrembed.demo import DemoConfig, check_config, format_step_time, run_demo
 
@@ -50,7 +55,7 @@ def demo(
                         train_val_list=str(train_val_list) if train_val_list else None,
                         test_list=str(test_list) if test_list else None, view=view,
                         val_fraction=val_fraction, split_seed=split_seed,
-                        allow_missing=allow_missing)
+                        allow_missing=allow_missing, data_options=_given(source))
     check_config(config)
     result = run_demo(out, config, progress=not no_progress,
                       announce=lambda line: console.print(f"[bold cyan]{line}[/]",
@@ -67,6 +72,16 @@ def demo(
     console.print(f"ran: {steps}")
     console.print(f"[green]done in {result.seconds:.0f} s.[/] Report: [bold]{result.report}"
                   f"[/]  (everything else is in {result.out}/)")
+
+
+def _given(source: ReaderOptions | None) -> dict:
+    """The reader options set to other than their defaults (paths as text)."""
+    import dataclasses
+
+    defaults = dataclasses.asdict(ReaderOptions())
+    return {k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(source or ReaderOptions()).items()
+            if v != defaults[k]}
 
 
 @app.command()

@@ -247,7 +247,9 @@ def compare(
     if json_out:
         print_json(comparison.to_dict())
         return
-    table = Table(title="NIH ChestX-ray14 test AUC in the layout of the paper's Table 1 "
+    scored_on = ("NIH ChestX-ray14" if comparison.published_classes is None
+                 else ", ".join(comparison.datasets))
+    table = Table(title=f"{scored_on} test AUC in the layout of the paper's Table 1 "
                         "(* = published)", box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("class", no_wrap=True)
     for column in comparison.columns:
@@ -261,6 +263,9 @@ def compare(
         console.print(f"[dim]{ref.id} = {escape(ref.label)}{escape(stores)}[/]")
     for message in comparison.warnings:
         console.print(f"[yellow]warning:[/] {escape(message)}")
+    for note in comparison.notes:
+        if note.startswith("classes:"):  # which published cells sit beside our classes
+            console.print(f"[dim]{escape(note)}[/]")
     few = comparison.fewshot_table()
     table = Table(title="Few-shot mean AUC (* paper: one draw, one seed; ours: mean +- std "
                         "over seeds)", box=box.SIMPLE_HEAD, padding=(0, 1))

@@ -78,7 +78,7 @@ def fewshot_curves(summary: list[dict[str, Any]], paper: dict[int, float], title
         shots = sorted(set(shots) | {k for k, _ in published})
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(s) for s in shots])
-    ax.set(xlabel="shots per class", ylabel="mean test AUC (14 classes)", title=title)
+    ax.set(xlabel="shots per class", ylabel="mean test AUC (over classes)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return png_uri(fig)

@@ -84,15 +84,24 @@ def dataset_section(demo: dict[str, Any]) -> str:
     head = "".join(f"<th>{esc(s)}<br><span class=sub>{v['images']:,} img · "
                    f"{v['patients']:,} pat</span></th>" for s, v in ds["splits"].items())
     sources = ds.get("sources", {})
+    dataset = ds.get("dataset", "nih")
+    if dataset == "nih":
+        how = ("test is the official test list; val is a seeded "
+               f"{float(sources.get('val_fraction', 'nan')):.0%} of train_val patients "
+               f"(split seed {esc(sources.get('seed', '?'))}).")
+    else:
+        how = (f"made by the {esc(dataset)} reader (official splits where the collection "
+               "ships them, else seeded shares of patients; see <code>cxrembed info</code>). "
+               + " ".join(esc(n) for n in ds.get("notes", [])))
+    classes = (f"{len(names)} classes of the collection's own"
+               + ("" if dataset == "nih" else f" ({esc(dataset)})"))
     return (f"<h2>Dataset</h2><div class=card><div class=sub>{esc(ds['root'])}</div>"
             f"<p><span class=kpi><b>{ds['images']:,}</b>images</span><span class=kpi><b>"
             f"{ds['patients']:,}</b>patients</span><span class=kpi><b>"
             f"{' / '.join(f'{n:,}' for n in ds['views'].values())}</b>"
             f"{esc(' / '.join(ds['views']))}</span></p><p class=note>Splits are "
-            "patient-disjoint: test is the official test list; val is a seeded "
-            f"{float(sources.get('val_fraction', 'nan')):.0%} of train_val patients "
-            f"(split seed {esc(sources.get('seed', '?'))}).</p>"
-            f"<table><tr><th>positives</th>{head}</tr>{rows}</table></div>")
+            f"patient-disjoint: {how}</p>"
+            f"<table><tr><th>positives ({classes})</th>{head}</tr>{rows}</table></div>")
 
 
 def stores_section(stores: list[dict[str, Any]]) -> str:
@@ -162,7 +171,8 @@ def _header(col: Any) -> str:
 
 
 def auc_table_section(comparison: Any) -> str:
-    """Table 1's layout: the 14 classes, published columns, then ours (from compare)."""
+    """Table 1's layout: our classes (NIH's 14, or the store's own, any number), published
+    columns (beside the classes that match NIH's only), then ours (from compare)."""
     from cxrembed.compare import DESCRIPTIONS
 
     columns = comparison.columns
