@@ -127,3 +127,16 @@ def test_absurd_dimensions_are_refused(tmp_path, decoder):
         _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 1, 8, 0, 0, 0, 0))))
     with pytest.raises(DataError, match="zero_wide.png"):
         decode(empty, decoder=decoder)
+
+
+def test_dicom_claiming_absurd_size_is_refused_before_decoding(tmp_path):
+    from dicom_files import write_dicom
+
+    path = write_dicom(tmp_path / "big.dcm", np.zeros((8, 8), np.uint8))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 60_000, 60_000  # 3.6 G pixels behind 64 bytes of pixel data
+    ds.save_as(path)
+    with pytest.raises(DataError, match=r"big\.dcm.*60,000x60,000.*decompression bomb"):
+        decode(path)

@@ -138,6 +138,7 @@ def read_dicom(path: str | Path) -> DicomImage:
     """Decode one single-frame DICOM radiograph to H×W uint8 grey (see module doc)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    from cxrembed.data.image_checks import check_size
     from cxrembed.data.images import scale_to_uint8
 
     pydicom = _pydicom()
@@ -147,7 +148,13 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise DataError(f"image {path} does not exist") from None
     except Exception as exc:
         raise DataError(f"cannot read DICOM {path}: {exc}") from None
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        size = int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"DICOM {path} has an unreadable Rows, Columns or NumberOfFrames "
+                        f"({exc})") from None
+    check_size(*size, path)  # before decoding: a compressed frame can be a bomb
     if frames > 1:
         raise DataError(f"DICOM {path} holds {frames} frames; cxrembed reads single-frame "
                         "radiographs: export the frame you want as its own file")
