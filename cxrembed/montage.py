@@ -21,10 +21,20 @@ log = logging.getLogger(__name__)
 def stored_image_path(store: EmbeddingStore, row: int, data_root: Path) -> Path | None:
     """Where the image of stored ``row`` lies under ``data_root`` now (its recorded path,
     else its id), or None. The path comes from the store only, never from a caller."""
+    from cxrembed.data.tabular import inside
+
     rel = str(store.image_path[row])
     candidates = [data_root / rel] if rel else []
     candidates.append(data_root / str(store.image_id[row]))
-    return next((path for path in candidates if path.is_file()), None)
+    root = os.path.realpath(data_root)
+    for path in candidates:
+        if path.is_file():
+            if inside(root, os.path.realpath(path)):
+                return path
+            # a store's paths come from outside too: never read (or serve) a file elsewhere
+            log.warning("store %s names %s for row %d, outside the data folder %s: not read",
+                        store.path, path, row, data_root)
+    return None
 
 
 def _image_for(store: EmbeddingStore, row: int, data_root: Path) -> np.ndarray | None:

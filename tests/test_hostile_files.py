@@ -137,3 +137,25 @@ def test_a_store_whose_attributes_lie_about_its_shape_is_refused(store_path, lie
                 f.attrs[key] = value
     with pytest.raises(StoreError, match=message):
         EmbeddingStore.open(store_path)
+
+
+@pytest.mark.parametrize("recorded", ["../private/secret.png", "{outside}",
+                                      "img/../../private/secret.png", "img/link.png"])
+def test_a_store_never_makes_search_or_serve_read_a_file_outside_the_data_folder(
+        store_path, tmp_path, outside, recorded):
+    import h5py
+
+    from cxrembed.montage import stored_image_path
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    (data / "img" / "link.png").symlink_to(outside)
+    recorded = recorded.format(outside=outside)
+    with h5py.File(store_path, "r+") as f:
+        paths = f["image_path"][:]
+        del f["image_path"]
+        paths[:] = b""
+        f["image_path"] = np.array([recorded.encode()] + [b""] * (len(paths) - 1))
+    assert (data / recorded).is_file()  # the file is there to be read...
+    with EmbeddingStore.open(store_path) as store:
+        assert stored_image_path(store, 0, data) is None  # ...and is not
