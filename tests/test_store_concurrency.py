@@ -168,3 +168,19 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
             with store_lock.store_lock(store, "test"):
                 assert json.loads(lock.read_text())["pid"] == os.getpid()
             assert not lock.exists()
+
+
+def test_under_torchrun_only_rank_0_takes_the_store_lock(tmp_path, monkeypatch):
+    """A sharded encode's ranks all call encode_dataset(out=STORE): rank 0 holds STORE's
+    lock, the others write only their shards (each locked by its writer)."""
+    calls = []
+
+    @store_lock.holding_lock("out", "test")
+    def encode(out):
+        calls.append(store_lock.lock_path(out).exists())
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, holds in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        encode(tmp_path / "s.h5")
+        assert calls[-1] is holds

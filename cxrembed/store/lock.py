@@ -204,7 +204,8 @@ def writer_at_work(store: str | os.PathLike) -> dict[str, Any] | None:
 
 def holding_lock(argument: str, purpose: str) -> Any:
     """Decorator: the function holds the writer lock of the store named by its parameter
-    ``argument`` for the whole call (an encode: create or resume, rows, compaction, index)."""
+    ``argument`` for the whole call (an encode: create or resume, rows, compaction, index);
+    under torchrun (``WORLD_SIZE`` > 1) only rank 0 takes it."""
     import functools
     import inspect
 
@@ -213,6 +214,10 @@ def holding_lock(argument: str, purpose: str) -> Any:
 
         @functools.wraps(function)
         def locked(*args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("WORLD_SIZE", "1") != "1" and os.environ.get("RANK", "0") != "0":
+                # under torchrun rank 0 holds the store's lock; the other ranks write only
+                # their own shard files, each locked by its StoreWriter
+                return function(*args, **kwargs)
             store = signature.bind(*args, **kwargs).arguments[argument]
             with store_lock(store, purpose):
                 return function(*args, **kwargs)
