@@ -253,6 +253,8 @@ def search_vectors(store: EmbeddingStore, queries: np.ndarray, k: int = 10, *,
              for rows, patient in zip(exclude_rows, exclude_patients)]
 
     def run(batch: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        if loaded is not None and loaded.front is not None:
+            return loaded.front.search(batch, k, allowed=mask, params=params)
         if loaded is not None:
             return search_index(loaded.index, batch, k, allowed=mask, params=params,
                                 vectors=lambda rows: centring.apply(store.embeddings_at(rows)))

@@ -105,6 +105,11 @@ class StoreService:
                                                  self.centring, index)
                 if self.loaded_index is None:  # the other space: exact scans
                     self.index_choice = "exact"
+                else:
+                    from cxrembed.serve.prefilter import bounded
+
+                    # a pruned exact scan: same hits, bit for bit (serve/prefilter.py)
+                    self.loaded_index.front = bounded(self.loaded_index.index)
             elif index == "auto":
                 log.warning("no index beside %s: queries scan the whole store (slower); "
                             "build one with `cxrembed index`", self.store.path)

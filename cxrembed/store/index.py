@@ -81,6 +81,9 @@ class LoadedIndex:
 
     index: Any
     info: IndexInfo
+    #: optional object whose ``search(queries, k, allowed=, params=)`` answers as
+    #: :func:`search_index` on ``index`` does, faster (``cxrembed serve``'s pruned flat scan)
+    front: Any = None
 
 
 def index_path(store_path: str | os.PathLike) -> Path:
