@@ -121,6 +121,12 @@ def test_adapt_on_chexpert_sizes_the_head_and_masks_uncertain_labels(chexpert_ru
     result = chexpert_run["result"]
     assert result.label_names == names and list(result.val_auc) == names
     assert list(json.loads((run / "summary.json").read_text())["test_auc"]) == names
+    # the run as a head (predict, serve): its card names the run's classes
+    from cxrembed.heads.saved import load_head
+
+    head = load_head(run)
+    assert head.label_names == names and head.card["vocabulary"] == "chexpert"
+    assert head.predict(np.zeros((2, 512), np.float32)).scores.shape == (2, 13)
     # the loss saw exactly the dataset's mask, row for row in the epoch's order
     order = np.concatenate(epoch_batches(dataset.split_rows("train"), tiny(), 1))
     seen_known = torch.cat([k for _, k in chexpert_run["steps"]]).numpy()

@@ -303,7 +303,6 @@ def _check_card(card: dict[str, Any], where: Path) -> None:
 
 
 def _from_run(run: Path) -> SavedHead:
-    from cxrembed.labels import LABELS
     from cxrembed.model import load_encoder
 
     encoder = load_encoder(checkpoint=run)
@@ -313,7 +312,9 @@ def _from_run(run: Path) -> SavedHead:
     arrays = {f"module.{k}": v for k, v in state.items()}
     card = {"format": CARD_FORMAT, "format_version": CARD_VERSION, "kind": "adapted",
             "options": {}, "selected": {}, "fingerprint": encoder.fingerprint,
-            "load_args": encoder.load_args, "label_names": list(LABELS),
+            "load_args": encoder.load_args,
+            # the run's own classes, in its head's order (its data's label set)
+            "label_names": list(encoder.label_names), "vocabulary": encoder.vocabulary,
             "embed_dim": encoder.embed_dim, "input": "raw", "score_kind": "logit",
             "calibration": {"method": "none", "note": "the run's head as trained: no "
                             "calibration or thresholds; fit them with `cxrembed fit STORE "
