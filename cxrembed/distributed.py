@@ -161,6 +161,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable; ``value`` itself for one process)."""
+    if not active().distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over the ranks (float64, on the CPU with gloo)."""
     if not active().distributed:

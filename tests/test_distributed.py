@@ -164,3 +164,64 @@ def test_two_processes_train_as_one_and_resume_under_torchrun(twin, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     lines = (tmp_path / "two/metrics.jsonl").read_text().splitlines()
     assert [json.loads(x).get("epoch") for x in lines] == [1, 2, None]  # each line once
+
+
+# ---------------------------------------------------------------------------------------
+# encode under torchrun
+
+
+@pytest.mark.slow
+def test_failing_rank_ends_the_job_then_resumed_shards_join_as_one_encode(twin, tmp_path):
+    """Rank 1 meets an unreadable image in its share: the job ends non-zero within a
+    bounded time (rank 0 does not wait for it), naming the rank and the image. The same
+    command with --resume --skip-bad finishes: rank 0 joins the two shards into a store
+    equal, row for row, to a one-process encode with --skip-bad, and builds its index."""
+    import shutil
+
+    import h5py
+
+    from cxrembed.data.nih import load_nih
+    from cxrembed.encode import encode_dataset
+    from cxrembed.model import load_encoder
+    from cxrembed.store import EmbeddingStore, load_index
+
+    data = tmp_path / "nih"
+    shutil.copytree(twin, data)
+    dataset = load_nih(data)
+    batch = 16
+    start, _ = rank_share(len(dataset), 2, 1, batch)  # rank 1's first image: it fails at once
+    bad = dataset.image_id[start]
+    Path(dataset.path[start]).write_bytes(b"not a png")
+    out = tmp_path / "two" / "store.h5"
+    command = ["encode", data, "--out", out, "--model=cxr-tiny", "--pretrained=none",
+               f"--batch-size={batch}", "--device=cpu", "--no-progress", "--workers=0"]
+
+    began = time.monotonic()
+    failed = torchrun(*command, timeout=300)
+    seconds = time.monotonic() - began
+    assert failed.returncode != 0
+    assert "rank 1 of 2" in failed.stderr and bad in failed.stderr, failed.stderr[-3000:]
+    assert seconds < 240  # the other rank was stopped, not left waiting (timeout: 1800 s)
+    assert not out.exists()
+
+    done = torchrun(*command, "--resume", "--skip-bad", "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)  # rank 0's only
+    assert result["rows"] == len(dataset) - 1 and [s["rank"] for s in result["shards"]] == [0, 1]
+    assert [s["image_id"] for s in result["skipped"]] == [bad]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["store.faiss", "store.faiss.json",
+                                                           "store.h5"]  # shards removed
+
+    one = tmp_path / "one" / "store.h5"
+    encode_dataset(dataset, one, load_encoder("cxr-tiny", "none", device="cpu"),
+                   batch_size=batch, workers=0, skip_bad=True, progress=False)
+    with h5py.File(one, "r") as a, h5py.File(out, "r") as b:
+        assert set(a) == set(b)
+        for name in ("image_id", "patient_id", "split", "labels", "label_known", "image_path",
+                     "embedding", "embedding_norm", "age"):
+            assert np.array_equal(a[name][:], b[name][:], equal_nan=name == "age"), name
+        assert np.array_equal(a["text/embedding"][:], b["text/embedding"][:])
+        for key in ("num_rows", "complete", "selection", "skipped_images", "fingerprint"):
+            assert a.attrs[key] == b.attrs[key], key
+    with EmbeddingStore.open(out) as store:  # the index belongs to the joined store
+        assert load_index(store).index.ntotal == len(store) == len(dataset) - 1

@@ -70,6 +70,7 @@ def encode(
     source: ReaderOptions = None,
 ) -> None:
     """Encode every image once into an HDF5 store (vectors, labels, metadata) + FAISS index."""
+    from cxrembed.distributed import launch
     from cxrembed.encode import encode_dataset
     from cxrembed.model import load_encoder
 
@@ -86,6 +87,8 @@ def encode(
                             workers=workers, progress=not no_progress,
                             allow_other_data=allow_other_data, skip_bad=skip_bad,
                             append=append, centre=centre)
+    if launch().rank > 0:
+        return  # under torchrun, rank 0 prints the joined store's result
     if json_out:
         print_json(result.to_dict())
         return
@@ -98,6 +101,9 @@ def encode(
         done += f", {result.resumed_from:,} were already done"
     console.print(f"[green]store[/] {result.store}: {result.rows:,} rows; {done}"
                   + (f"; index {result.index}" if result.index else ""))
+    if result.shards:
+        console.print(f"{len(result.shards)} torchrun shards joined in "
+                      f"{result.join_seconds:.1f} s (times below add up the processes')")
     stages = result.stage_seconds
     if stages:
         console.print(f"time per stage: read (waiting for images) {stages['read']:.1f} s, "

@@ -53,6 +53,11 @@ class EncodeResult:
     decode_bound: bool = False
     #: the figure that decides whether searches centre (``search_centring`` attribute)
     search_centring: dict | None = None
+    #: under torchrun: on rank 0, each rank's shard result (with ``rank``) and the seconds
+    #: the join took; on the other ranks, the shard file this rank wrote
+    shards: list = field(default_factory=list)
+    join_seconds: float | None = None
+    shard: str | None = None
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -146,10 +151,23 @@ def encode_dataset(
         centre: whether the index built at the end holds centred vectors: ``auto`` (as
             the figure measured on the store decides), ``on`` or ``off``
             (:mod:`cxrembed.store.centring`).
+
+    Under ``torchrun`` every process calls this with the same arguments: each encodes its
+    contiguous share into a shard and rank 0 joins them into ``out``
+    (:mod:`cxrembed.encode.shards`); the store equals a one-process encode's row for row.
     """
+    options = dict(locals())
     from cxrembed.data.cache import ImageSource
     from cxrembed.prompts import class_prompts
 
+    from cxrembed.distributed import launch
+
+    here = launch()
+    if here.distributed:
+        from cxrembed.encode.shards import IN_SHARD, encode_shards
+
+        if not IN_SHARD.get():
+            return encode_shards(options, here)
     out = Path(out)
     if append:
         from cxrembed.encode.append import append_dataset
