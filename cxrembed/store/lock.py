@@ -116,6 +116,7 @@ def acquire(store: str | os.PathLike, purpose: str) -> None:
         if key in _HELD:
             _HELD[key][1] += 1
             return
+        lock_path(store).parent.mkdir(parents=True, exist_ok=True)  # a new --out folder
         for _ in range(3):
             handle = open(lock_path(store), "a+", encoding="utf-8")
             got = _try_flock(handle)
