@@ -173,3 +173,22 @@ def test_sharding_over_every_gpu_uses_faiss_public_cloner():
     assert calls == {"index": "cpu index", "shard": True, "float16": True, "ngpu": 4}
     with pytest.raises(ConfigError, match="no GPU"):
         to_gpus(types.SimpleNamespace(get_num_gpus=lambda: 0), "cpu index")
+
+
+def test_centred_pq_index_reranks_in_the_centred_space(tmp_path):
+    from cxrembed.store.centring import resolve_centring
+
+    path = make_store(tmp_path / "c.h5", n=N)
+    build_index(path, "ivfpq", params=PARAMS, centre="on")
+    with EmbeddingStore.open(path) as store:
+        centring = resolve_centring(store, "on")
+        vectors = centring.apply(store.embeddings())
+        queries = vectors[::100]
+        loaded = load_index(store)
+        assert loaded.info.centred
+        sims, rows = search_vectors(store, store.embeddings()[::100], K, index="index",
+                                    centre="on")
+        _, candidates = loaded.index.search(queries, PARAMS["rerank"])
+    np.testing.assert_array_equal(rows, brute_force_over(candidates, queries, vectors, K))
+    np.testing.assert_allclose(sims, np.take_along_axis(queries @ vectors.T, rows, axis=1),
+                               rtol=1e-5, atol=1e-5)
