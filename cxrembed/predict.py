@@ -160,7 +160,12 @@ class _Output:
         self.path, self.columns, self.header = path, columns, header
         self.json = path.suffix.lower() == ".json"
         self.work = path.with_name(path.name + ".partial") if self.json else path
-        self.done: list[dict[str, Any]] = self._existing()
+        existing = self._existing()
+        #: paths already in the output (a rerun skips them)
+        self.done_paths: set[str] = {r["path"] for r in existing}
+        # Rows are kept for the JSON document only: a CSV's memory stays flat however many
+        # images it scores (a row is ~1 KB of Python objects: 100k images, 100+ MB).
+        self.done: list[dict[str, Any]] = existing if self.json else []
         self.file = None
 
     def _existing(self) -> list[dict[str, Any]]:
@@ -201,9 +206,11 @@ class _Output:
                 raise
             self._abandon()
             # A row cut off here is dropped by the rerun (see _existing), and redone.
-            raise disk_full_error(self.work, exc, f"the {len(self.done)} rows written before "
-                                  "are kept") from exc
-        self.done.extend(rows)
+            raise disk_full_error(self.work, exc, f"the {len(self.done_paths)} rows written "
+                                  "before are kept") from exc
+        self.done_paths.update(r["path"] for r in rows)
+        if self.json:
+            self.done.extend(rows)
 
     def _abandon(self) -> None:
         """Close the file after a failed write (its close would retry the write)."""
@@ -322,7 +329,7 @@ def predict_images(inputs: list[str | os.PathLike], head: str | os.PathLike,
     names = saved.label_names
     output = _Output(Path(out), output_columns(names, opened is not None),
                      {"notice": NOTICE, "head": str(head), "kind": saved.kind})
-    done = {r["path"] for r in output.done}
+    done = set(output.done_paths)
     todo = [p for p in paths if p not in done]
     result = PredictResult(Path(out), len(paths), 0, len(paths) - len(todo), 0)
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]

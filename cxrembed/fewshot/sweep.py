@@ -156,6 +156,10 @@ def run_fewshot(source: Any, config: FewShotConfig | None = None, *,
     base = dataclasses.asdict(config) if config is not None else {}
     config = FewShotConfig.from_dict({**base, **options})
     started = time.perf_counter()
+    if isinstance(source, (str, os.PathLike)) or hasattr(source, "path"):
+        from cxrembed.memory import check_fewshot_store
+
+        check_fewshot_store(getattr(source, "path", source), config.test_split)
     data = as_eval_data(source, prompts=prompts,
                         need_text=any(h in TEXT_HEADS for h in config.heads))
     try:
