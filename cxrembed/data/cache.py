@@ -132,6 +132,9 @@ def _fill(out: Path, dataset: NIHDataset, rows: np.ndarray, n: int, size: int, d
     """Decode the rows not done yet into the cache, block by block, then mark it complete."""
     import h5py
 
+    with h5py.File(out, "r") as f:  # a finished cache is left untouched, byte for byte
+        if f.attrs.get("complete", False) and f["done"][:][rows].all():
+            return
     # Workers start before the file is opened, so that none of them inherits its handle
     # (and its lock): after a kill -9 the rerun can open the file at once.
     with _pool(workers) as pool, h5py.File(out, "a") as f:
