@@ -206,7 +206,8 @@ def main() -> None:
     inputs = prepare(args.work, args.images, args.small)
     wanted = args.commands.split(",")
     rows, trials = [], []
-    for number, cmd in enumerate(c for c in commands(inputs) if c.name in wanted):
+    # Seeds by the command's place in the full list: the same kills with or without --commands.
+    for number, cmd in [(i, c) for i, c in enumerate(commands(inputs)) if c.name in wanted]:
         reference, seconds, clean_diff = references(cmd, args.work)
         # Attributes that differ between two clean runs are not results: excluded, named.
         # A file that differs byte for byte between them cannot be excluded: reported.
