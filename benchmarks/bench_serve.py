@@ -14,6 +14,11 @@ recorded:
 - ``image``: ``POST /api/search`` of a 1024x1024 PNG (upload, decode, ViT-B-32 forward,
   search), first by one client, then by N.
 
+Before the server starts, one query's flat scan is timed in this process both ways the
+server could answer it: FAISS's full scan of every vector, and the scan ``serve`` uses
+(``cxrembed/serve/prefilter.py``: a bound on 64 principal directions prunes the rows FAISS
+scores; the hits are the same, bit for bit), with the share of rows it scored.
+
 The reference for image queries is one ViT-B-32 forward of one image, timed in this
 fresh process on the same machine just before the image phases and again after them
 (median of 7 each: the load of a shared machine moves). Errors (any
@@ -208,6 +213,7 @@ def main() -> None:
         with EmbeddingStore.open(store) as opened:
             ids = [str(i) for i in opened.image_id]
             prompts = list(opened.text_embeddings())
+        scan_figures(store)
         port = free_port()
         server = start_server(store, port)
         try:
@@ -218,6 +224,44 @@ def main() -> None:
                 server.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 server.kill()
+
+
+def scan_figures(store: Path, queries: int = 30) -> None:
+    """Median time of one query's flat scan, full and pruned, in this process (1 thread)."""
+    import faiss
+
+    from cxrembed.serve.prefilter import BoundedFlat
+    from cxrembed.store import EmbeddingStore, load_index, search_index
+
+    faiss.omp_set_num_threads(1)
+    with EmbeddingStore.open(store) as opened:
+        index = load_index(opened).index
+        began = time.perf_counter()
+        front = BoundedFlat(index)
+        prepared = time.perf_counter() - began
+        rows = np.random.default_rng(3).integers(0, len(opened), queries)
+        vectors = opened.embeddings(rows)
+    times: dict[str, list[float]] = {"full": [], "pruned": []}
+    shares, same = [], True
+    for row, query in zip(rows, vectors):
+        allowed = np.ones(index.ntotal, bool)
+        allowed[row] = False  # an id query leaves itself out
+        for name, scan in (("full", lambda: search_index(index, query[None], 10,
+                                                          allowed=allowed)),
+                           ("pruned", lambda: front.search(query[None], 10, allowed=allowed))):
+            start = time.perf_counter()
+            found = scan()
+            times[name].append(1000 * (time.perf_counter() - start))
+            if name == "full":
+                full = found
+        same &= all(np.array_equal(a, b) for a, b in zip(full, found))
+        keep = front.candidates(query, 10, allowed)
+        shares.append(1.0 if keep is None else float(keep.mean()))
+    full_ms, pruned_ms = np.median(times["full"]), np.median(times["pruned"])
+    print(f"one query's flat scan (median of {queries}, 1 thread): full {full_ms:.1f} ms, "
+          f"pruned {pruned_ms:.1f} ms ({full_ms / pruned_ms:.1f}x; median share of rows "
+          f"scored {np.median(shares):.4f}; same hits: {same}; prepared in {prepared:.1f} s); "
+          f"load average {os.getloadavg()[0]:.1f}")
 
 
 def run_phases(port: int, ids: list[str], prompts: list[str], args) -> None:

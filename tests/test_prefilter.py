@@ -85,3 +85,51 @@ def test_rows_found_only_through_their_residual_are_kept():
     assert front.pruned == 1
     np.testing.assert_array_equal(got[1], want[1])
     np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_known_queries_outside_the_image_directions_are_pruned_too(low_rank):
+    """Text prompts sit apart from the images (CLIP's modality gap): unknown, such a query
+    falls back to the full scan; given in advance, its bound is tight. Same hits both ways."""
+    rng = np.random.default_rng(4)
+    texts = unit(rng.normal(size=(6, 96)))  # far from the images' 12-d subspace
+    index = flat(low_rank)
+    plain = BoundedFlat(index, rank=16)
+    knowing = BoundedFlat(index, rank=16, known_queries=texts)
+    assert plain.candidates(texts[0], 10, None) is None
+    keep = knowing.candidates(texts[0], 10, None)
+    assert keep is not None and keep.sum() < 300
+    want = search_index(index, texts, 10)
+    for front in (plain, knowing):
+        got = front.search(texts, 10)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    assert knowing.pruned == 6 and plain.scanned == 6
+
+
+def test_the_server_answers_through_the_pruned_scan(tmp_path):
+    """StoreService with the pruned scan in front: the same JSON as `search` without it."""
+    from test_centring import make_store
+
+    from cxrembed.search import search
+    from cxrembed.serve.prefilter import bounded
+    from cxrembed.serve.service import StoreService
+    from cxrembed.store import build_index
+
+    path = make_store(tmp_path / "s.h5")
+    build_index(path)
+    service = StoreService(path)
+    try:
+        assert service.loaded_index.front is None  # small stores: the full scan
+        prompts = service.centring.apply(np.stack(list(service.store.text_embeddings().values())))
+        front = bounded(service.loaded_index.index, min_rows=0, known_queries=prompts)
+        service.loaded_index.front = front
+        image_id = str(service.store.image_id[40])
+        for ask, cli in (({"image_id": image_id, "exclude_same_patient": True},
+                          {"image_id": image_id, "exclude_same_patient": True}),
+                         ({"text": "no finding", "split": "test"},
+                          {"text": "no finding", "split": "test"})):
+            served = service.search(k=9, **ask)
+            assert served == search(path, k=9, **cli).to_dict()
+        assert front.pruned == 2
+    finally:
+        service.close()

@@ -6,7 +6,8 @@ A long-lived server can afford a one-off preparation that a single ``cxrembed se
 cannot, so it prunes the scan with a bound and leaves the exact scores to FAISS:
 
 - at start: ``P``, the top ``r`` principal directions of the index's vectors (from a
-  seeded sample), each row's projection ``P^T x`` (N x r, float32) and residual norm
+  seeded sample) and the directions of the store's text prompts (text lies outside the
+  images' principal directions: CLIP's modality gap), each row's projection ``P^T x`` (N x r, float32) and residual norm
   ``|x - P P^T x|``;
 - per query: ``q . x = (P^T q) . (P^T x) + r_q . r_x`` and ``|r_q . r_x| <= |r_q| |r_x|``
   (Cauchy-Schwarz), so each row's score lies within ``s_x +- |r_q| |r_x|``. The ``k``-th
@@ -43,7 +44,8 @@ class BoundedFlat:
     :func:`cxrembed.store.index.search_index` for one or more queries.
     """
 
-    def __init__(self, index: Any, rank: int = RANK, seed: int = 0) -> None:
+    def __init__(self, index: Any, rank: int = RANK, seed: int = 0,
+                 known_queries: np.ndarray | None = None) -> None:
         import faiss
         from threadpoolctl import ThreadpoolController
 
@@ -56,6 +58,8 @@ class BoundedFlat:
         # top eigenvectors of the sample's second-moment matrix.
         _, eigvecs = np.linalg.eigh(sample.T.astype(np.float64) @ sample.astype(np.float64))
         basis = eigvecs[:, ::-1][:, :min(rank, d)]
+        if known_queries is not None and len(known_queries):
+            basis = _with_directions(basis, np.asarray(known_queries, np.float64))
         self.basis = np.ascontiguousarray(basis, dtype=np.float32)  # (d, r), orthonormal
         self.projected = np.empty((n, self.basis.shape[1]), np.float32)
         self.residual = np.empty(n, np.float32)
@@ -119,11 +123,23 @@ class BoundedFlat:
         return sims, rows
 
 
-def bounded(index: Any, min_rows: int = 4 * BLOCK) -> BoundedFlat | None:
+def _with_directions(basis: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``basis`` (orthonormal columns) extended to span ``vectors`` too: queries known in
+    advance (a store's text prompts, which lie outside the images' principal directions,
+    CLIP's modality gap) then have no residual, and their bound is tight."""
+    rest = vectors.T - basis @ (basis.T @ vectors.T)
+    q, r = np.linalg.qr(rest)
+    keep = np.abs(np.diag(r)) > 1e-6 * max(1.0, float(np.abs(r).max(initial=0.0)))
+    return np.concatenate([basis, q[:, keep]], axis=1)
+
+
+def bounded(index: Any, min_rows: int = 4 * BLOCK, known_queries: np.ndarray | None = None
+            ) -> BoundedFlat | None:
     """A :class:`BoundedFlat` for a flat inner-product index of at least ``min_rows``
-    vectors (below that a full scan takes a few milliseconds), else None."""
+    vectors (below that a full scan takes a few milliseconds), else None.
+    ``known_queries``: vectors asked often (stored prompts), added to the directions."""
     import faiss
 
     if not isinstance(index, faiss.IndexFlatIP) or index.ntotal < min_rows:
         return None
-    return BoundedFlat(index)
+    return BoundedFlat(index, known_queries=known_queries)

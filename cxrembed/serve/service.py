@@ -109,7 +109,11 @@ class StoreService:
                     from cxrembed.serve.prefilter import bounded
 
                     # a pruned exact scan: same hits, bit for bit (serve/prefilter.py)
-                    self.loaded_index.front = bounded(self.loaded_index.index)
+                    prompts = (self.centring.apply(np.stack(list(
+                        self.store.text_embeddings().values())))
+                        if self.store.has_text else None)
+                    self.loaded_index.front = bounded(self.loaded_index.index,
+                                                      known_queries=prompts)
             elif index == "auto":
                 log.warning("no index beside %s: queries scan the whole store (slower); "
                             "build one with `cxrembed index`", self.store.path)
