@@ -210,7 +210,7 @@ def resolve_tag(model: str, tag: str, *, cache_dir: str | None = None,
     if not cfg:
         tags = list_pretrained_tags_by_model(model)
         known = (f"its tags are: {', '.join(tags)}" if tags else
-                 "it has no published weights (use pretrained='none' or a local file)")
+                 "it has no published weights (use --pretrained none, or a local weights file)")
         raise ModelError(f"{tag!r} is neither a weights tag of {model} nor an existing file; "
                          f"{known}")
     for candidate in _tag_candidates(cfg, cache_dir):
