@@ -38,13 +38,18 @@ def main() -> int:
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     text = run.stdout + run.stderr
-    rows = re.findall(r"(test_fuzz_\w+\.py)::(\w+):\s*\n(?:.*\n)*?\s*- during generate phase "
-                      r"\(([\d.]+) seconds\):\s*\n\s*- Typical runtimes: .*\n\s*- (\d+) passing "
-                      r"examples?, (\d+) failing examples?, (\d+) invalid", text)
+    rows = []
+    for block in re.split(r"\n(?=tests/fuzz/\S+::\w+:\n)", text):
+        name = re.match(r"tests/fuzz/\S+::(\w+):", block)
+        counts = re.findall(r"(\d+) passing, (\d+) failing, and (\d+) invalid", block)
+        secs = re.findall(r"during \w+ phase \(([\d.]+) seconds\)", block)
+        if name and counts:
+            passing, failing, invalid = (sum(int(c[i]) for c in counts) for i in range(3))
+            rows.append((name.group(1), passing, failing, invalid, sum(map(float, secs))))
     print(f"{'property':<52} {'passing':>8} {'failing':>8} {'invalid':>8} {'seconds':>8}")
-    for module, name, secs, passing, failing, invalid in rows:
-        print(f"{name:<52} {passing:>8} {failing:>8} {invalid:>8} {float(secs):>8.1f}")
-    total = sum(int(r[3]) for r in rows)
+    for name, passing, failing, invalid, secs in rows:
+        print(f"{name:<52} {passing:>8} {failing:>8} {invalid:>8} {secs:>8.1f}")
+    total = sum(r[1] for r in rows)
     failed = [line for line in text.splitlines() if line.startswith("FAILED")]
     print(f"\n{len(rows)} properties, {total} passing examples in all, {len(failed)} "
           f"properties failing; {seconds:.0f} s wall (examples asked: {args.examples} each)")

@@ -164,6 +164,8 @@ def test_store_attributes_that_lie(good_store, set_attrs, drop_attrs, reshape, r
 
 @pytest.fixture(scope="module")
 def good_heads(good_store, tmp_path_factory):
+    import torch  # noqa: F401 - imported once here, not inside a timed example (mlp heads)
+
     from cxrembed.fewshot.fit import fit_head
 
     out = tmp_path_factory.mktemp("heads")
