@@ -41,7 +41,7 @@ WRITER = textwrap.dedent(f"""
         if mode == "lockstep" and sys.stdin.readline().strip() != "go":
             mode = "free"
         if mode == "free":
-            time.sleep(0.01)
+            time.sleep(0.05)  # the reader gets several looks while rows are added
     w.finish()
     w.close()
     print("done", flush=True)

@@ -280,7 +280,8 @@ def _load_card(folder: Path) -> SavedHead:
 def _check_card(card: dict[str, Any], where: Path) -> None:
     """The card's fields every use relies on, with their types."""
     checks = [
-        ("kind", isinstance(card.get("kind"), str) and card["kind"] in SCORE_KIND, f"one of {', '.join(SCORE_KIND)}"),
+        ("kind", isinstance(card.get("kind"), str) and card["kind"] in SCORE_KIND,
+         f"one of {', '.join(SCORE_KIND)}"),
         ("label_names", isinstance(card.get("label_names"), list) and card["label_names"]
          and all(isinstance(n, str) for n in card["label_names"]), "a list of class names"),
         ("embed_dim", isinstance(card.get("embed_dim"), int)

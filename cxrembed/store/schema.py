@@ -92,10 +92,12 @@ Versions: 1 is the layout above without ``embedding_mean`` and ``search_centring
 ``head_label_names`` and ``dataset``, read as all known / NIH's 14 / ``nih``). 2 adds those
 two attributes, set when the store is complete, for centred search. Nothing else changed
 (the rows, their dtypes and the crash-safe write order are the same), so version 1 is read
-as it is, with no migration: search without a recorded mean computes it at open
+as it is, with no migration: search leaves a store without the recorded mean uncentred
+under ``--centre auto`` and computes the mean at open under ``--centre on``
 (:mod:`cxrembed.store.centring`), and an unfinished version-1 store resumed by this
-cxrembed is finished as version 2. A version above 2 is refused by name: it may store rows
-differently, and reading it as 2 could return wrong vectors silently.
+cxrembed is finished as version 2 (the encode's ``finish`` writes version 2's attributes).
+A version above 2 is refused by name: it may store rows differently, and reading it as 2
+could return wrong vectors silently.
 
 Writers: one at a time per store, held by ``STORE.h5.lock`` beside it (not part of the file;
 :mod:`cxrembed.store.lock`). Readers refuse a store another process is writing, or, asked

@@ -18,7 +18,8 @@ from cxrembed.files import atomic_write_text, check_space, disk_full_error, is_d
 from cxrembed.labels import LABELS
 from cxrembed.store.lock import acquire, holding_lock, release
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
-                                   READABLE_VERSIONS, ROW_FIELDS, decode_strings, encode_strings, read_attrs)
+                                   READABLE_VERSIONS, ROW_FIELDS, decode_strings,
+                                   encode_strings, read_attrs)
 from cxrembed.store.validate import check_store
 
 log = logging.getLogger(__name__)
