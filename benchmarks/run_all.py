@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 #: name -> (script, arguments for a full run, arguments for --quick)
 BENCHMARKS = {
-    "decode": ("bench_decode.py", [], ["--repeat", "1"]),
+    "decode": ("bench_decode.py", ["--repeat", "2"], ["--repeat", "1"]),
     "adapt": ("bench_adapt.py", [], ["--quick"]),
     "encode": ("bench_encode.py", [], ["--images", "32", "--repeat", "3", "--models", "cxr-tiny"]),
     "search": ("bench_search.py", [], ["--sizes", "112120", "--queries", "200", "--single", "20"]),
