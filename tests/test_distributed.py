@@ -92,6 +92,18 @@ def test_rank_steps_slice_each_global_batch_and_weigh_the_last_one():
     assert [p.share for p in first] == [pytest.approx(4 / 16), pytest.approx(12 / 16)]
 
 
+def test_global_batch_must_split_evenly_over_the_processes():
+    from cxrembed.adapt import AdaptConfig
+    from cxrembed.adapt.loop import check_global_batch
+    from cxrembed.errors import ConfigError
+
+    config = AdaptConfig.from_dict(dict(TINY, batch_size=32))
+    check_global_batch(config, Launch(0, 4))  # 4 x 8
+    check_global_batch(config, Launch(0, 1))
+    with pytest.raises(ConfigError, match=r"--batch-size 32 .* 3 processes .* e\.g\. 33"):
+        check_global_batch(config, Launch(2, 3))
+
+
 def test_dropout_and_augmentation_slices_equal_the_whole_batch_draws():
     import torch
 
