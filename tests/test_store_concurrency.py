@@ -155,19 +155,64 @@ def test_without_flock_the_pid_decides(tmp_path, monkeypatch):
     import socket
 
     here = socket.gethostname()
-    for pid, host, refused in ((int(dead.stdout), here, False), (os.getppid(), here, True),
-                               (12345, "another-host", True)):
-        lock.write_text(json.dumps({"pid": pid, "host": host, "purpose": "cxrembed encode",
+    parent, born = os.getppid(), store_lock.process_start(os.getppid())
+    assert born is not None  # Linux: /proc/PID/stat
+    for pid, start, host, refused in (
+            (int(dead.stdout), None, here, False),
+            (parent, born, here, True),  # alive, the same process
+            (parent, born + 1, here, False),  # the pid now names a later process: reused
+            (parent, None, here, True),  # a lock written before start times were recorded
+            (12345, None, "another-host", True)):
+        lock.write_text(json.dumps({"pid": pid, "pid_start": start, "host": host,
+                                    "purpose": "cxrembed encode",
                                     "started": "2026-12-01T00:00:00+00:00"}))
         if refused:
             assert store_lock.writer_at_work(store)["pid"] == pid
-            with pytest.raises(StoreError, match=rf"process {pid} on {host} .*remove"):
+            with pytest.raises(StoreError, match=rf"process {pid} on {host} .*"
+                                                 rf"stale if.*ps -o lstart=,args= -p {pid}"
+                                                 r".*remove"):
                 store_lock.acquire(store, "test")
         else:
             assert store_lock.writer_at_work(store) is None
             with store_lock.store_lock(store, "test"):
-                assert json.loads(lock.read_text())["pid"] == os.getpid()
+                taken = json.loads(lock.read_text())
+                assert taken["pid"] == os.getpid()
+                assert taken["pid_start"] == store_lock.process_start(os.getpid())
             assert not lock.exists()
+
+
+def _png(path) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.full((16, 16), 100, np.uint8))
+
+
+def test_a_failed_encode_start_leaves_no_new_out_folder(tmp_path):
+    """issue 9 item 10: the lock creates a new --out folder; a start that fails (a bad
+    option, weights that cannot load) removes it again; a folder that was there stays."""
+    from cxrembed.data.readers import load_dataset
+    from cxrembed.encode.pipeline import encode_dataset
+    from cxrembed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch size 0"):
+        encode_dataset(None, tmp_path / "new" / "deeper" / "s.h5", None, batch_size=0)
+    assert not (tmp_path / "new").exists()
+    data = tmp_path / "data"
+    for name in ("normal/n.png", "mass/m.png"):
+        _png(data / name)
+    dataset = load_dataset(data, "folders")
+
+    def bogus_weights():
+        raise ConfigError("unknown pretrained tag 'bogus-tag'")
+
+    with pytest.raises(ConfigError, match="bogus-tag"):
+        encode_dataset(dataset, tmp_path / "new" / "s.h5", bogus_weights)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ConfigError, match="batch size 0"):
+        encode_dataset(None, tmp_path / "kept" / "s.h5", None, batch_size=0)
+    assert (tmp_path / "kept").is_dir() and not any((tmp_path / "kept").iterdir())
 
 
 def test_under_torchrun_only_rank_0_takes_the_store_lock(tmp_path, monkeypatch):

@@ -12,9 +12,14 @@ The writer holds an exclusive ``flock`` on ``STORE.h5.lock`` (and writes its pid
 purpose and start time into it) for as long as it writes. The kernel releases the lock
 when the process ends, however it ends (``kill -9`` included), so a lock left by a dead
 writer is never in the way on a local disk. Where ``flock`` is not available (some network
-file systems, Windows) the pid written in the file decides: a lock of a process that no
-longer runs on this host is stale and taken over; one from another host must be removed
-by hand (the message says how).
+file systems, Windows) the pid written in the file decides, with the process's start time
+beside it (``/proc/PID/stat``): a lock of a process that no longer runs on this host, or
+whose pid now belongs to a process started at another time (a reused pid), is stale and
+taken over; one from another host must be removed by hand (the message says how).
+
+A lock taken for a new ``--out`` folder creates that folder; when the writer gives the lock
+back and the folder it created is empty (a start that failed before writing anything), the
+folder goes too: a failed start leaves nothing behind.
 
 Readers (:meth:`EmbeddingStore.open`) probe the lock: while another process holds it, a
 store is refused with "store ... is being written by process PID", or, when the caller
@@ -73,16 +78,32 @@ def read_owner(store: str | os.PathLike) -> dict[str, Any] | None:
     return owner if isinstance(owner, dict) else None
 
 
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat`` field
+    22), or None where there is no /proc or no such process. With the pid it names one
+    process: a pid reused by a later process has another start time."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text(encoding="ascii", errors="replace")
+        return int(stat[stat.rindex(")") + 2:].split()[19])  # fields after "(comm)"
+    except (OSError, ValueError, IndexError, OverflowError):
+        return None
+
+
 def _pid_alive(owner: dict[str, Any] | None) -> bool | None:
-    """Whether the lock's process still runs (None: cannot tell, another host)."""
+    """Whether the lock's process still runs (None: cannot tell, another host). A live
+    pid whose start time differs from the one recorded is another process: not alive."""
     if not owner or owner.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(owner.get("pid", -1)), 0)
+        pid = int(owner.get("pid", -1))
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, ValueError):
+    except (PermissionError, OverflowError, ValueError, TypeError):
         return True
+    recorded, now = owner.get("pid_start"), process_start(pid)
+    if isinstance(recorded, int) and now is not None and now != recorded:
+        return False  # the pid was reused
     return True
 
 
@@ -100,11 +121,36 @@ def _try_flock(handle: Any) -> bool | None:
 
 
 def _refuse(store: Path, owner: dict[str, Any] | None) -> StoreError:
+    pid = (owner or {}).get("pid", "PID")
     return StoreError(
         f"store {store} is being written by {describe_owner(owner)}: wait for that encode to "
-        f"finish (or stop it), then run again with --resume. If that process is gone and "
-        f"this message stays (its machine was lost, or the folder is on a network file "
-        f"system), the lock is stale: remove {lock_path(store)} and run again")
+        f"finish (or stop it), then run again with --resume. The lock is stale if, on "
+        f"{(owner or {}).get('host', 'its machine')}, `ps -o lstart=,args= -p {pid}` shows "
+        f"no process or one that is not a cxrembed started at that time (its machine was "
+        f"lost, or the folder is on a network file system): then remove "
+        f"{lock_path(store)} and run again")
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; the folders created, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        try:
+            made.mkdir()
+        except FileExistsError:  # made by another process meanwhile: not ours to remove
+            missing.remove(made)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first; stops at the first that holds something
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def acquire(store: str | os.PathLike, purpose: str) -> None:
@@ -116,39 +162,50 @@ def acquire(store: str | os.PathLike, purpose: str) -> None:
         if key in _HELD:
             _HELD[key][1] += 1
             return
-        lock_path(store).parent.mkdir(parents=True, exist_ok=True)  # a new --out folder
-        for _ in range(3):
-            handle = open(lock_path(store), "a+", encoding="utf-8")
-            got = _try_flock(handle)
-            if got is False:
-                handle.seek(0)
-                owner = read_owner(store)
-                handle.close()
-                raise _refuse(store, owner)
-            if got is None:  # no flock: the pid in the file decides
-                owner = read_owner(store)
-                if owner and owner.get("pid") != os.getpid() and _pid_alive(owner) is not False:
-                    handle.close()
-                    raise _refuse(store, owner)
-                if owner:
-                    log.warning("taking over the stale lock of %s (%s)", store,
-                                describe_owner(owner))
-            try:  # the file we locked may have been unlinked by a releasing writer: retry
-                same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path(store)).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            handle.close()
-        else:  # pragma: no cover - three releases raced with us in a row
-            raise StoreError(f"cannot take the lock {lock_path(store)}; run again")
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose,
+        created = _make_folder(lock_path(store).parent)  # a new --out folder
+        try:
+            handle = _take(store)
+        except BaseException:
+            _remove_if_empty(created)
+            raise
+        owner = {"pid": os.getpid(), "pid_start": process_start(os.getpid()),
+                 "host": socket.gethostname(), "purpose": purpose,
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps(owner))
         handle.flush()
-        _HELD[key] = [handle, 1]
+        _HELD[key] = [handle, 1, created]
+
+
+def _take(store: Path) -> Any:
+    """The lock file of ``store``, open and locked by this process (StoreError: held)."""
+    for _ in range(3):
+        handle = open(lock_path(store), "a+", encoding="utf-8")
+        got = _try_flock(handle)
+        if got is False:
+            handle.seek(0)
+            owner = read_owner(store)
+            handle.close()
+            raise _refuse(store, owner)
+        if got is None:  # no flock: the pid in the file decides
+            owner = read_owner(store)
+            if owner and owner.get("pid") != os.getpid() and _pid_alive(owner) is not False:
+                handle.close()
+                raise _refuse(store, owner)
+            if owner:
+                log.warning("taking over the stale lock of %s (%s)", store,
+                            describe_owner(owner))
+        try:  # the file we locked may have been unlinked by a releasing writer: retry
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock_path(store)).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    else:  # pragma: no cover - three releases raced with us in a row
+        raise StoreError(f"cannot take the lock {lock_path(store)}; run again")
+    return handle
 
 
 def release(store: str | os.PathLike) -> None:
@@ -167,6 +224,7 @@ def release(store: str | os.PathLike) -> None:
             Path(key).unlink(missing_ok=True)  # before unlocking: no one waits on a dead file
         finally:
             handle.close()  # closing releases the flock
+        _remove_if_empty(entry[2])  # a failed start leaves no empty --out folder behind
 
 
 @contextmanager

@@ -3,8 +3,10 @@
 ``ci`` (the default): few examples per property, derandomised (the same examples on every
 run, so CI is not flaky), no example database written into the checkout. ``long``: set
 ``CXREMBED_FUZZ_EXAMPLES=N`` (``benchmarks/fuzz.py`` does) for N random examples per
-property. Either way an example slower than the deadline (20 s, for a loaded shared CPU)
-fails, so a hang is a failure, and pytest-timeout stops a property that runs away.
+property. The ``ci`` profile has no per-example deadline: on a loaded CI machine a
+deadline fails examples that are merely slow, and a hang is caught by pytest-timeout (each
+fuzz module's ``timeout`` mark). The ``long`` profile keeps a 20 s deadline, so a slow
+parser shows up in a campaign.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ LONG = int(os.environ.get("CXREMBED_FUZZ_EXAMPLES", "0") or 0)
 
 settings.register_profile(
     "cxrembed-ci", max_examples=12, derandomize=True, database=None,
-    deadline=timedelta(seconds=20), print_blob=True,
+    deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                            HealthCheck.filter_too_much, HealthCheck.data_too_large])
 settings.register_profile(
