@@ -147,6 +147,9 @@ def test_index_command_reports_bytes_per_vector_and_refuses_bad_pq_options(built
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["bytes_per_vector"] == 4 * 4 / 8 + 8 and out["params"]["rerank"] == 30
+    result = CliRunner().invoke(app, ["index", str(path), "--kind", "opq"])  # 8-bit codes
+    assert isinstance(result.exception, ConfigError) and "needs at least 9,984 vectors" in str(
+        result.exception) and "--kind flat" in str(result.exception)
     result = CliRunner().invoke(app, ["index", str(path), "--kind", "opq", "--hnsw-m", "8"])
     assert isinstance(result.exception, ConfigError) and "--pq-m" in str(result.exception)
     proc = subprocess.run([sys.executable, "-m", "cxrembed", "index", str(path), "--kind",

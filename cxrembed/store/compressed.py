@@ -85,6 +85,11 @@ def new_pq_index(faiss: Any, kind: str, dim: int, n: int, params: dict[str, Any]
         raise ConfigError(f"--pq-bits {nbits}: give 1 to 16 bits per code (8 is usual)")
     if not 1 <= nlist <= n:
         raise ConfigError(f"nlist {nlist}: give 1 to the {n} vectors")
+    if n < 39 * 2 ** nbits:  # FAISS's floor: 39 training points per PQ centroid
+        raise ConfigError(f"a {kind} index with {nbits}-bit codes needs at least "
+                          f"{39 * 2 ** nbits:,} vectors to train on, the store has {n:,}: "
+                          "use --kind flat (exact, and fast at this size), or fewer "
+                          "--pq-bits")
     if int(params["rerank"]) < 0:
         raise ConfigError(f"--rerank {params['rerank']}: give 0 (no re-ranking) or k' >= k")
     index = faiss.index_factory(dim, factory_string(kind, params), faiss.METRIC_INNER_PRODUCT)
