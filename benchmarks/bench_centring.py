@@ -8,8 +8,11 @@ against every other image of another patient (numpy brute force):
   the query, over queries with at least one positive label;
 - ``exact``: share of the 10 neighbours whose 14-label vector equals the query's (No
   Finding matches No Finding), over every query;
-- ``agree`` (the figure the default is chosen by): ``share`` for queries with a finding,
-  "the neighbour is No Finding too" for No Finding queries, over every query.
+- ``agree`` ("finding status", the figure that decides): ``share`` for queries with a
+  finding, "the neighbour is No Finding too" for No Finding queries, over every query.
+  ``cxrembed encode`` measures this same figure on each store it writes
+  (:mod:`cxrembed.store.centring`, on a seeded sample of up to 2,000 labelled queries
+  against every row) and ``--centre auto`` centres when it is at least as high centred.
 
 Chance: the same figures for random unit vectors.
 
@@ -20,7 +23,10 @@ measured.
 
 Measured (benchmarks/RESULTS.md, section centring): centring raises the ``share`` figure
 but lowers No Finding queries' precision; on ``agree`` it loses on the frozen store and
-ties on the adapted one, so search does not centre.
+wins narrowly on the adapted one, so ``auto`` leaves the frozen store uncentred and
+centres the adapted one. The decision is per store, by ``agree`` alone: ``share`` ignores
+No Finding queries (about half of every query), and a transform can raise it by pulling
+normal images apart.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ scores; the hits are the same, bit for bit), with the share of rows it scored.
 The reference for image queries is one ViT-B-32 forward of one image, timed in this
 fresh process on the same machine just before the image phases and again after them
 (median of 7 each: the load of a shared machine moves). Errors (any
-non-200 answer or failed request) are counted. The server and the clients share the
+non-200 answer or failed request) are counted. The server's CPU time per request (user +
+system, from /proc, over each phase) is printed beside the latencies: on a shared machine
+it moves far less with the load than a latency does. The server and the clients share the
 machine's cores, as they would on a laptop.
 
     python benchmarks/bench_serve.py [--images 112120] [--clients 4] [--requests 100]
@@ -167,6 +169,15 @@ def load(port: int, make_request, clients: int, per_client: int) -> tuple[list[f
     return latencies, errors[0]
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -217,7 +228,7 @@ def main() -> None:
         port = free_port()
         server = start_server(store, port)
         try:
-            run_phases(port, ids, prompts, args)
+            run_phases(port, ids, prompts, args, server.pid)
         finally:
             server.send_signal(signal.SIGINT)
             try:
@@ -264,7 +275,7 @@ def scan_figures(store: Path, queries: int = 30) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
 
 
-def run_phases(port: int, ids: list[str], prompts: list[str], args) -> None:
+def run_phases(port: int, ids: list[str], prompts: list[str], args, pid: int) -> None:
     from urllib.parse import quote
 
     png, content_type = multipart(query_png(), "query.png")
@@ -293,7 +304,7 @@ def run_phases(port: int, ids: list[str], prompts: list[str], args) -> None:
     print(f"load average before the phases (1 min): {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")
     print(f"{'queries':<14} {'clients':>7} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'req/s':>7} {'errors':>6}")
+          f"{'req/s':>7} {'errors':>6} {'srv CPU ms/req':>14}")
     forward = None
     for name, clients, per_client, make in phases:
         if name == "image" and forward is None:
@@ -301,13 +312,16 @@ def run_phases(port: int, ids: list[str], prompts: list[str], args) -> None:
             forward = forward_ms(repeat=7)
             print(f"{'':<14} one ViT-B-32 forward (1 image, a fresh process, idle server): "
                   f"{forward:.1f} ms")
-        began = time.perf_counter()
+        began, cpu_before = time.perf_counter(), cpu_seconds(pid)
         latencies, errors = load(port, make, clients, per_client)
         wall = time.perf_counter() - began
+        cpu_after = cpu_seconds(pid)
+        cpu = (f"{1000 * (cpu_after - cpu_before) / len(latencies):>14.1f}"
+               if cpu_before is not None and cpu_after is not None else f"{'?':>14}")
         p50, p95 = np.percentile(latencies, [50, 95])
         extra = f"   p50 = {p50 / forward:.2f}x one forward" if name == "image" else ""
         print(f"{name:<14} {clients:>7} {len(latencies):>8} {p50:>8.1f} {p95:>8.1f} "
-              f"{len(latencies) / wall:>7.1f} {errors:>6}{extra}")
+              f"{len(latencies) / wall:>7.1f} {errors:>6} {cpu}{extra}")
     print(f"one ViT-B-32 forward after the load: {forward_ms(repeat=7):.1f} ms; "
           f"load average (1 min): {os.getloadavg()[0]:.1f}")
 
