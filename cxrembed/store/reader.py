@@ -61,6 +61,12 @@ def _describe(thing: Any) -> str:
     return f"encoder {getattr(thing, 'model_name', type(thing).__name__)}"
 
 
+def _busy(path: Path, writer: dict, cause: Exception) -> StoreError:
+    return StoreError(f"store {path} is being written by {describe_owner(writer)} and "
+                      f"cannot be read at this moment ({cause}): wait for that encode to "
+                      "finish, then run this again")
+
+
 class EmbeddingStore:
     """A read-only store. Metadata arrays (small) are loaded; vectors are read on demand.
 
@@ -94,16 +100,38 @@ class EmbeddingStore:
         writer = writer_at_work(path)
         if writer is not None and not allow_incomplete:
             raise StoreError(f"store {path} is being written by {describe_owner(writer)}: "
-                             "wait for that encode to finish, or open it with "
-                             "allow_incomplete=True for the rows final so far")
+                             "wait for that encode to finish, then run this again (from "
+                             "Python: EmbeddingStore.open(..., allow_incomplete=True) reads "
+                             "the rows final so far)")
+        if writer is not None:
+            return cls._open_while_written(path, writer)
         try:
-            # While another process writes, HDF5's own file lock would refuse a reader:
-            # the rows below rows_done are final (schema.py), so read them unlocked.
-            f = h5py.File(path, "r", locking=False) if writer is not None else \
-                h5py.File(path, "r")
+            f = h5py.File(path, "r")
         except OSError as exc:
             raise StoreError(f"cannot open store {path}: {exc} (not an HDF5 file, or an "
                              "encode is still writing it)") from None
+        return cls._from_file(path, f, allow_incomplete)
+
+    @classmethod
+    def _open_while_written(cls, path: Path, writer: dict) -> "EmbeddingStore":
+        """The rows final so far of a store another process writes. HDF5's own file lock
+        would refuse a reader: the rows below rows_done are final (schema.py), so they are
+        read unlocked. What cannot be read now (a header being rewritten, a file being
+        replaced) is the writer's doing: said so, not as a damaged store."""
+        import h5py
+
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as exc:
+            raise _busy(path, writer, exc) from None
+        try:
+            return cls._from_file(path, f, True)
+        except (OSError, KeyError, ValueError, StoreError) as exc:
+            raise _busy(path, writer, exc) from None
+
+    @classmethod
+    def _from_file(cls, path: Path, f: Any, allow_incomplete: bool) -> "EmbeddingStore":
+        """Check the open HDF5 file ``f`` and wrap it (closing it on any refusal)."""
         try:
             attrs = read_attrs(f.attrs)
             if attrs.get("format") != FORMAT:
@@ -120,9 +148,11 @@ class EmbeddingStore:
             if not attrs.get("complete"):
                 if not allow_incomplete:
                     raise StoreError(
-                        f"store {path} is incomplete ({done} of {attrs['num_rows']} rows); "
-                        "finish it by rerunning the encode with --resume, or open it with "
-                        "allow_incomplete=True to use the finished rows")
+                        f"store {path} is incomplete ({done} of {attrs['num_rows']} rows): "
+                        "an encode into it stopped before the end; finish it by running "
+                        "the same `cxrembed encode` again with --resume (from Python: "
+                        "EmbeddingStore.open(..., allow_incomplete=True) uses the finished "
+                        "rows)")
                 log.warning("store %s is incomplete: using its first %d of %d rows", path,
                             done, attrs["num_rows"])
             return cls(path, f, attrs, done if not attrs.get("complete") else attrs["num_rows"])
