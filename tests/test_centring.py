@@ -238,3 +238,20 @@ def test_report_search_section_says_how_similarity_was_measured():
     assert "sim 0.4213" in html
     old = search_section([{**search, "centring": None}], {})  # a demo folder from before
     assert "sim 0.4213" in old and "centred vectors" not in old
+
+
+def test_a_centred_index_is_rebuilt_when_rows_are_appended(tmp_path):
+    """`encode --append` extends an index; a centred one is rebuilt with the new store's
+    mean (vectors centred by the old mean would not be the ones queries meet)."""
+    from cxrembed.store import extend_index, index_path
+
+    old = make_store(tmp_path / "old.h5")
+    build_index(old, centre="on")
+    grown = make_store(tmp_path / "grown.h5", seed=5)  # stands in for the appended store
+    extend_index(index_path(old), grown, N).commit(index_path(grown))
+    with EmbeddingStore.open(grown) as store:
+        loaded = load_index(store)
+        assert loaded.info.centred and loaded.info.centre == "on"
+        x = store.embeddings().astype(np.float64)
+        expected = unit(x - x.mean(axis=0))
+        np.testing.assert_allclose(loaded.index.reconstruct_n(0, N), expected, atol=1e-5)
