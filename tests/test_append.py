@@ -153,3 +153,39 @@ def test_ctrl_c_hint_of_an_append_and_of_predict_is_to_rerun_the_same_command():
     assert again in _resume_hint(app, ["encode", "data", "--out", "s.h5", "--append"])
     assert "--resume" in _resume_hint(app, ["encode", "data", "--out", "s.h5"])
     assert again in _resume_hint(app, ["predict", "x.png", "--head", "h", "--out", "p.csv"])
+
+
+def test_append_locks_its_work_file_and_the_store_only_for_the_swap(setup, tmp_path,
+                                                                     monkeypatch):
+    """While new images are encoded the finished store stays open to searches (its lock
+    file is absent, the .appending one held); the store's lock is taken for the swap."""
+    import os
+
+    from cxrembed.encode.append import appending_path
+    from cxrembed.store import lock as store_lock
+
+    dataset, encoder = setup
+    out = tmp_path / "s.h5"
+    _encode(dataset.subset(np.arange(16)), out, encoder, index="flat")
+    seen = {}
+    real_encode, real_replace = encoder.encode_image, os.replace
+
+    def encode_image(*args, **kwargs):
+        seen.setdefault("encoding", (store_lock.held_here(out),
+                                     store_lock.held_here(appending_path(out))))
+        with EmbeddingStore.open(out) as store:  # a search meanwhile: the finished store
+            seen.setdefault("rows", len(store))
+        return real_encode(*args, **kwargs)
+
+    def replace(src, dst):
+        if str(dst) == str(out):
+            seen["swap"] = store_lock.held_here(out)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(encoder, "encode_image", encode_image)
+    monkeypatch.setattr(os, "replace", replace)
+    result = _encode(dataset.subset(np.arange(32)), out, encoder, append=True)
+    assert result.rows == 32 and result.encoded == 16
+    assert seen == {"encoding": (False, True), "rows": 16, "swap": True}
+    assert not store_lock.lock_path(out).exists()
+    assert not store_lock.lock_path(appending_path(out)).exists()

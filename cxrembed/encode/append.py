@@ -105,8 +105,9 @@ def append_dataset(dataset: Any, out: str | os.PathLike, encoder: Any, *,
     from cxrembed.store import EmbeddingStore, StoreWriter, check_same_encoder
 
     out = Path(out)
-    work = appending_path(out)
+    work = appending_path(out)  # locked by encode_dataset for the whole append
     store = EmbeddingStore.open(out)  # refuses an incomplete store: finish it with --resume
+    as_opened = _identity(out)
     try:
         if callable(encoder) and not hasattr(encoder, "encode_image"):
             encoder = encoder()
@@ -138,19 +139,35 @@ def append_dataset(dataset: Any, out: str | os.PathLike, encoder: Any, *,
         store.close()
     result = _run(writer, source, source_rows, encoder, work, writer.batch_size, workers,
                   None, progress, skip_bad)
-    index = _swap_in(out, work, n_old)
+    index = _swap_in(out, work, n_old, as_opened)
     result.store, result.index, result.resumed_from = out, index, max(result.resumed_from, n_old)
     return result
 
 
-def _swap_in(out: Path, work: Path, n_old: int) -> Path | None:
-    """The finished ``.appending`` store replaces ``out``; its index grows by the new rows."""
-    from cxrembed.store import extend_index, index_path
+def _identity(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
-    had_index = index_path(out).is_file()
-    prepared = extend_index(index_path(out), work, n_old) if had_index else None
-    os.replace(work, out)
-    if prepared is not None:
-        prepared.commit(index_path(out))
-        return index_path(out)
+
+def _swap_in(out: Path, work: Path, n_old: int, as_opened: tuple[int, int, int]
+             ) -> Path | None:
+    """The finished ``.appending`` store replaces ``out``; its index grows by the new rows.
+    Only here is ``out``'s writer lock taken (searches ran on it until now), and ``out``
+    must still be the store the append started from."""
+    from cxrembed.store import extend_index, index_path
+    from cxrembed.store.lock import store_lock
+
+    with store_lock(out, "cxrembed encode --append (replacing the store)"):
+        if not out.is_file() or _identity(out) != as_opened:
+            work.unlink(missing_ok=True)  # a copy of a store that is no longer there
+            raise StoreError(f"store {out} was changed by another command while new images "
+                             "were appended to a copy of it: nothing was replaced; run the "
+                             "same `cxrembed encode --append` again to append to the store "
+                             "as it is now")
+        had_index = index_path(out).is_file()
+        prepared = extend_index(index_path(out), work, n_old) if had_index else None
+        os.replace(work, out)
+        if prepared is not None:
+            prepared.commit(index_path(out))
+            return index_path(out)
     return None

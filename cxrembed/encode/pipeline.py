@@ -102,7 +102,17 @@ def _check_options(out: Path, batch_size: int, index: str | None, resume: bool,
         raise StoreError(f"--out {out} is a folder; give a file name such as {out}/store.h5")
 
 
-@holding_lock("out", "cxrembed encode")  # one writer per store (cxrembed/store/lock.py)
+def _locked_file(arguments: dict) -> Path:
+    """The file an encode holds the writer lock of for its whole run: the store, or for
+    ``--append`` the ``.appending`` work file (the store itself is locked only for the
+    final swap, so searches of the finished store go on meanwhile)."""
+    from cxrembed.encode.append import appending_path
+
+    out = Path(arguments["out"])
+    return appending_path(out) if arguments.get("append") else out
+
+
+@holding_lock(_locked_file, "cxrembed encode")  # one writer per store (store/lock.py)
 def encode_dataset(
     dataset: Any,
     out: str | os.PathLike,

@@ -237,6 +237,11 @@ def store_lock(store: str | os.PathLike, purpose: str) -> Iterator[None]:
         release(store)
 
 
+def held_here(store: str | os.PathLike) -> bool:
+    """Whether this process holds the writer lock of ``store`` now."""
+    return _key(store) in _HELD
+
+
 def writer_at_work(store: str | os.PathLike) -> dict[str, Any] | None:
     """The owner of the lock when *another* process is writing ``store`` now, else None."""
     store = Path(store)
@@ -261,9 +266,10 @@ def writer_at_work(store: str | os.PathLike) -> dict[str, Any] | None:
     return owner if owner and _pid_alive(owner) is not False else None
 
 
-def holding_lock(argument: str, purpose: str) -> Any:
+def holding_lock(argument: str | Any, purpose: str) -> Any:
     """Decorator: the function holds the writer lock of the store named by its parameter
-    ``argument`` for the whole call (an encode: create or resume, rows, compaction, index);
+    ``argument`` (or returned by ``argument(arguments)``, given the call's arguments by
+    name) for the whole call (an encode: create or resume, rows, compaction, index);
     under torchrun (``WORLD_SIZE`` > 1) only rank 0 takes it."""
     import functools
     import inspect
@@ -277,7 +283,8 @@ def holding_lock(argument: str, purpose: str) -> Any:
                 # under torchrun rank 0 holds the store's lock; the other ranks write only
                 # their own shard files, each locked by its StoreWriter
                 return function(*args, **kwargs)
-            store = signature.bind(*args, **kwargs).arguments[argument]
+            arguments = signature.bind(*args, **kwargs).arguments
+            store = argument(arguments) if callable(argument) else arguments[argument]
             with store_lock(store, purpose):
                 return function(*args, **kwargs)
 
