@@ -73,19 +73,20 @@ def run(argv: list[str], log: Path, timeout: float) -> tuple[int, float]:
     return proc.returncode, time.perf_counter() - start
 
 
-def run_and_kill(argv: list[str], log: Path, delay: float) -> bool:
+def run_and_kill(argv: list[str], log: Path, delay: float) -> tuple[bool, float]:
     """Start the command and kill -9 its whole process group after ``delay`` seconds;
-    returns False when it had already exited by then (nothing was interrupted)."""
+    returns whether it was still running then, and how long it ran."""
+    start = time.perf_counter()
     with open(log, "ab") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             proc.wait(timeout=delay)
-            return False
+            return False, time.perf_counter() - start
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return True, time.perf_counter() - start
 
 
 def prepare(work: Path, images: int, small: int) -> dict[str, Path]:
@@ -172,13 +173,13 @@ def trial(cmd: Command, work: Path, index: int, delay: float, reference: Path,
         shutil.rmtree(out)
     out.mkdir(parents=True)
     log = out / "log.txt"
-    interrupted = run_and_kill(cmd.args(out), log, delay)
+    interrupted, ran = run_and_kill(cmd.args(out), log, delay)
     resumed, tries = 0, 0
     if interrupted:
         resumed, _ = run(cmd.args(out, resume=True), log, timeout=budget)
         tries = 1
     record = {"command": cmd.name, "trial": index, "kill_after_s": round(delay, 3),
-              "interrupted": interrupted, "resume_exit": resumed}
+              "interrupted": interrupted, "ran_s": round(ran, 3), "resume_exit": resumed}
     if resumed:
         tail = log.read_text(errors="replace").strip().splitlines()[-3:]
         record.update(survived=False, why=f"resume exited {resumed}: {' | '.join(tail)}")
@@ -224,6 +225,8 @@ def main() -> None:
             delay = float(rng.uniform(0.0, seconds))
             done.append(trial(cmd, args.work, len(done), delay, reference, exclude,
                               budget=max(600, 20 * seconds)))
+            if not done[-1]["interrupted"]:  # the machine got faster: draw over this run
+                seconds = min(seconds, done[-1]["ran_s"])
         trials += done
         interrupted = sum(t["interrupted"] for t in done)
         survived = sum(t["survived"] for t in done if t["interrupted"])
