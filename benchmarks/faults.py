@@ -225,6 +225,9 @@ def main() -> None:
             delay = float(rng.uniform(0.0, seconds))
             done.append(trial(cmd, args.work, len(done), delay, reference, exclude,
                               budget=max(600, 20 * seconds)))
+            if args.json:  # every trial as it ends: a campaign cut short still counts
+                with open(args.json.with_suffix(".trials.jsonl"), "a") as sink:
+                    sink.write(json.dumps(done[-1]) + "\n")
             if not done[-1]["interrupted"]:  # the machine got faster: draw over this run
                 seconds = min(seconds, done[-1]["ran_s"])
         trials += done
