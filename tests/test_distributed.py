@@ -68,6 +68,33 @@ def test_rank_shares_cover_every_row_once_cut_at_batches():
         assert max(sizes) - min(sizes) <= 1  # whole batches, balanced
 
 
+def test_a_rank_whose_rows_have_no_known_label_still_counts_them():
+    """Its loss share is 0 (no known cell), but its rows are real images, not stand-ins:
+    the epoch's images seen and images/s must equal one process's."""
+    from cxrembed.adapt.loop import rank_steps
+    known = np.ones((8, 3), dtype=bool)
+    known[4:] = False
+    steps = [rank_steps([np.arange(8)], Launch(r, 2), known)[0] for r in (0, 1)]
+    assert [s.share for s in steps] == [1.0, 0.0]
+    assert [s.stand_in for s in steps] == [False, False]
+    assert rank_steps([np.arange(1)], Launch(1, 2))[0].stand_in
+
+
+def test_shards_of_another_process_count_are_refused_naming_them(tmp_path):
+    """Shards of a 3-process encode cover other rows than a 2-process one would: resuming
+    with 2 must not silently start over beside them."""
+    from cxrembed.encode.shards import _refuse_other_world_shards
+    from cxrembed.errors import StoreError
+
+    out = tmp_path / "s.h5"
+    _refuse_other_world_shards(out, 2)  # nothing there
+    (tmp_path / "s.h5.shard-0-of-2.h5").write_bytes(b"")
+    _refuse_other_world_shards(out, 2)  # its own shards are what --resume continues
+    (tmp_path / "s.h5.shard-1-of-3.h5").write_bytes(b"")
+    with pytest.raises(StoreError, match=r"with 3 processes.*--nproc_per_node 3 --resume"):
+        _refuse_other_world_shards(out, 2)
+
+
 def test_rank_steps_slice_each_global_batch_and_weigh_the_last_one():
     from cxrembed.adapt.loop import rank_steps
 

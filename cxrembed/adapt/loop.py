@@ -73,6 +73,7 @@ class RankStep:
     size: int  # rows in the global batch
     offset: int  # where ``rows`` start in it
     share: float  # this rank's part of the batch's loss (0 for a stand-in row)
+    stand_in: bool = False  # a row borrowed only to join the all-reduce (not counted)
 
 
 def rank_steps(batches: list[np.ndarray], launch: Launch,
@@ -92,7 +93,7 @@ def rank_steps(batches: list[np.ndarray], launch: Launch,
         mine = parts[launch.rank]
         offset = sum(len(p) for p in parts[:launch.rank])
         if not len(mine):
-            steps.append(RankStep(batch[-1:], len(batch), len(batch) - 1, 0.0))
+            steps.append(RankStep(batch[-1:], len(batch), len(batch) - 1, 0.0, stand_in=True))
             continue
         share = len(mine) / len(batch)
         if cells is not None and cells[batch].sum() > 0:
@@ -196,7 +197,7 @@ def train_epoch(training: Training, config: AdaptConfig, dev: torch.device, data
                                part.share * launch.world_size, f"epoch {epoch}, step {step}")
             # The global batch's mean loss is the sum over ranks of share x rank mean.
             loss_sum += loss.item() * part.share * part.size
-            seen += len(images) if part.share else 0
+            seen += 0 if part.stand_in else len(images)
             advance(len(images), loss=loss_sum / max(seen, 1))
             if on_step is not None:
                 on_step(epoch, step)

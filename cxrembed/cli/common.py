@@ -85,16 +85,14 @@ def _run(app: typer.Typer) -> int:
     usage_error = _click_exception_class()
     try:
         returned = app(standalone_mode=False)
-    except (CxrembedError, OSError) as exc:  # OSError: disk full, permissions, no folder
-        console.print(f"[bold red]error{_which_rank()}:[/] {_disk_full_hint(exc, app)}",
-                      highlight=False, soft_wrap=True)
-        _record_for_torchrun(exc)
-        return EXIT_ERROR
-    except RuntimeError as exc:  # a library's failed write (h5py, faiss) on a full disk
-        if not is_disk_full(exc):
+    except (CxrembedError, OSError, RuntimeError) as exc:
+        # OSError: disk full, permissions, no folder; RuntimeError: a library's failed
+        # write (h5py, faiss) on a full disk, any other is a bug and keeps its traceback.
+        if isinstance(exc, RuntimeError) and not is_disk_full(exc):
             raise
         console.print(f"[bold red]error{_which_rank()}:[/] {_disk_full_hint(exc, app)}",
                       highlight=False, soft_wrap=True)
+        _record_for_torchrun(exc)
         return EXIT_ERROR
     except typer.Exit as exc:
         return exc.exit_code

@@ -45,7 +45,8 @@ def done_path(shard: Path) -> Path:
 def encode_shards(options: dict[str, Any], here: Launch) -> Any:
     """Run :func:`~cxrembed.encode.pipeline.encode_dataset` (called with ``options``) as
     rank ``here.rank`` of a sharded encode; rank 0 returns the joined store's result, the
-    others their shard's (with ``shard`` set)."""
+    others their shard's (with ``shard`` set). Every rank must see ``out``'s folder on one
+    shared file system: rank 0 waits for the others' shards and markers there."""
     from cxrembed.encode.pipeline import EncodeResult, _check_options, select_rows
 
     out = Path(options["out"])
@@ -63,10 +64,18 @@ def encode_shards(options: dict[str, Any], here: Launch) -> Any:
         marker.unlink(missing_ok=True)
         joined = None
         if here.main:
-            if options["overwrite"]:
-                _remove_joined(out)
-            joined = _joined_state(out)
+            # A refusal is broadcast, so that every rank ends with it (none waits).
+            try:
+                if options["overwrite"]:
+                    _remove_joined(out)
+                else:
+                    _refuse_other_world_shards(out, here.world_size)
+                joined = _joined_state(out)
+            except StoreError as exc:
+                joined = {"refused": str(exc)}
         joined = broadcast_object(joined)
+    if isinstance(joined, dict):
+        raise StoreError(joined["refused"])
     if joined == "complete":  # rank 0 checks it (and builds a missing index), alone
         if not here.main:
             return EncodeResult(out, None, 0, 0, 0, 0.0, 0.0)
@@ -94,6 +103,20 @@ def encode_shards(options: dict[str, Any], here: Launch) -> Any:
         return result
     shards = wait_for_shards(out, here.world_size)
     return _join_and_index(options, out, shards, encoder.fingerprint, began)
+
+
+def _refuse_other_world_shards(out: Path, world_size: int) -> None:
+    """Shards left by a sharded encode with another number of processes cover other rows:
+    they can only be continued by that number, or removed (--overwrite)."""
+    other = sorted(p for p in out.parent.glob(f"{out.name}.shard-*-of-*.h5")
+                   if not p.name.endswith(f"-of-{world_size}.h5"))
+    if other:
+        worlds = sorted({p.name.rsplit("-of-", 1)[1][:-3] for p in other})
+        raise StoreError(
+            f"{len(other)} shard(s) of an earlier encode into {out} with "
+            f"{' or '.join(worlds)} processes are there (first: {other[0]}); continue it "
+            f"with --nproc_per_node {worlds[0]} --resume, or pass --overwrite to start over "
+            f"with {world_size}")
 
 
 def _joined_state(out: Path) -> str | None:
