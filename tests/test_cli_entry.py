@@ -47,6 +47,7 @@ def run(*args, **kwargs) -> subprocess.CompletedProcess:
     (["search", "S", "-k", "abc"], "Invalid value for '-k'"),
     (["encode"], "Missing argument"),
     (["encod"], "No such command 'encod'"),
+    (["search", "S", "--id", "x", "--rerank", "-5"], "Invalid value for '--rerank'"),
 ])
 def test_usage_error_prints_usage_and_exits_2(args, message):
     result = run(*args)

@@ -141,7 +141,7 @@ def index_command(
         "(default D/8: 64 for 512-d).")] = None,
     pq_bits: Annotated[Optional[int], typer.Option("--pq-bits", help="ivfpq/opq: bits per code (8).")] = None,
     rerank: Annotated[Optional[int], typer.Option(
-        "--rerank", help="ivfpq/opq: candidates k' re-scored exactly from the store per "
+        "--rerank", min=0, help="ivfpq/opq: candidates k' re-scored exactly from the store per "
         "query (default 100; 0: PQ scores only).")] = None,
     gpu: Annotated[Optional[bool], typer.Option(
         "--gpu/--cpu", help="Build on the GPU (default: when faiss-gpu sees one; ivfpq/opq "
@@ -192,7 +192,7 @@ def search_command(
         "--index", help="auto (saved index, else exact scan), index, or exact.")] = "auto",
     centre: CentreOpt = "auto",
     rerank: Annotated[Optional[int], typer.Option(
-        "--rerank", help="ivfpq/opq index: candidates re-scored exactly (default: the "
+        "--rerank", min=0, help="ivfpq/opq index: candidates re-scored exactly (default: the "
         "index's own, 100).")] = None,
     montage: Annotated[Optional[Path], typer.Option(
         "--montage", help="Save the query and its neighbours as one PNG.")] = None,
