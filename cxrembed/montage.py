@@ -20,16 +20,22 @@ log = logging.getLogger(__name__)
 
 def stored_image_path(store: EmbeddingStore, row: int, data_root: Path) -> Path | None:
     """Where the image of stored ``row`` lies under ``data_root`` now (its recorded path,
-    else its id), or None. The path comes from the store only, never from a caller."""
+    else its id), or None. The path comes from the store only, never from a caller; a
+    link leading out of ``data_root`` is followed only for a store encoded with
+    ``--follow-links`` (its ``follow_links`` attribute)."""
     from cxrembed.data.tabular import inside
 
     rel = str(store.image_path[row])
     candidates = [data_root / rel] if rel else []
     candidates.append(data_root / str(store.image_id[row]))
     root = os.path.realpath(data_root)
+    # encoded with --follow-links: links inside the data folder are followed (the path
+    # itself must still lie inside it: no '..', not absolute)
+    linked_root = os.path.abspath(data_root) if store.attrs.get("follow_links") else None
     for path in candidates:
         if path.is_file():
-            if inside(root, os.path.realpath(path)):
+            if inside(root, os.path.realpath(path)) or (
+                    linked_root and inside(linked_root, os.path.normpath(os.path.abspath(path)))):
                 return path
             # a store's paths come from outside too: never read (or serve) a file elsewhere
             log.warning("store %s names %s for row %d, outside the data folder %s: not read",

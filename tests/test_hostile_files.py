@@ -159,3 +159,84 @@ def test_a_store_never_makes_search_or_serve_read_a_file_outside_the_data_folder
     assert (data / recorded).is_file()  # the file is there to be read...
     with EmbeddingStore.open(store_path) as store:
         assert stored_image_path(store, 0, data) is None  # ...and is not
+
+
+@pytest.fixture
+def linked_nih(tmp_path):
+    """An NIH folder whose images_001 is a link the user made to a bigger disk."""
+    rng = np.random.default_rng(0)
+    disk = tmp_path / "bigdisk" / "images_001" / "images"
+    disk.mkdir(parents=True)
+    names = [f"0000000{i}_000.png" for i in range(1, 9)]
+    for name in names:
+        cv2.imwrite(str(disk / name), rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    nih = tmp_path / "nih"
+    nih.mkdir()
+    (nih / "images_001").symlink_to(disk.parent, target_is_directory=True)
+    (nih / "Data_Entry_2017.csv").write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+        "View Position\n" + "".join(f"{n},{'Mass' if i % 2 else 'No Finding'},0,{i + 1},50,"
+                                    f"M,PA\n" for i, n in enumerate(names)))
+    (nih / "train_val_list.txt").write_text("\n".join(names[:6]))
+    (nih / "test_list.txt").write_text("\n".join(names[6:]))
+    return nih
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from cxrembed.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output + (str(result.exception)
+                                              if result.exception else "")
+
+
+def test_links_the_user_made_are_followed_with_follow_links(linked_nih, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cxrembed.montage import stored_image_path
+    from cxrembed.serve import create_app, open_service
+
+    code, said = _cli("info", linked_nih)
+    assert code != 0 and "symbolic link" in said and "--follow-links" in said
+    code, said = _cli("info", linked_nih, "--follow-links", "--json")
+    assert code == 0, said
+    assert json.loads(said[said.index("{"):])["images"] == 8
+    out = tmp_path / "s.h5"
+    code, said = _cli("encode", linked_nih, "--follow-links", "--model", "cxr-tiny",
+                      "--pretrained", "none", "--out", out, "--device", "cpu",
+                      "--no-progress", "--batch-size", "4")
+    assert code == 0, said
+    with EmbeddingStore.open(out) as store:
+        assert store.attrs["follow_links"] is True and len(store) == 8
+        path = stored_image_path(store, 0, linked_nih)
+        assert path is not None and "bigdisk" in os.path.realpath(path)
+        first = str(store.image_id[0])
+    service = open_service(out)  # the store's dataset_root: the linked folder
+    try:
+        client = TestClient(create_app(service), base_url="http://127.0.0.1")
+        thumb = client.get(f"/api/thumb/{first}")
+        assert thumb.status_code == 200, thumb.text
+        assert thumb.headers["content-type"] == "image/png"
+    finally:
+        service.close()
+    import h5py
+
+    with h5py.File(out, "r+") as f:  # the same store, not encoded with the flag
+        del f.attrs["follow_links"]
+    with EmbeddingStore.open(out) as store:
+        assert stored_image_path(store, 0, linked_nih) is None
+
+
+def test_every_data_command_offers_follow_links():
+    import typer
+
+    from cxrembed.cli import app
+
+    group = typer.main.get_command(app)
+    readers = {name: command for name, command in group.commands.items()
+               if any("--dataset" in p.opts for p in command.params)}
+    assert {"info", "encode", "cache", "adapt"} <= set(readers)
+    for name, command in readers.items():
+        assert any("--follow-links" in p.opts for p in command.params), name

@@ -143,7 +143,7 @@ def data_options(source: ReaderOptions | None) -> dict[str, Any]:
     source = source or ReaderOptions()
     return {"dataset": source.dataset,
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in source.options().items()
-               if v is not None}}
+               if v is not None and not (k == "follow_links" and not v)}}
 
 
 # typer reads the signature: replace **config_values by one keyword option per field.

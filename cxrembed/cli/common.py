@@ -252,6 +252,7 @@ class ReaderOptions:
     view_col: Optional[str] = None
     age_col: Optional[str] = None
     sex_col: Optional[str] = None
+    follow_links: bool = False
 
     def options(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "dataset"}
@@ -279,6 +280,9 @@ _READER_PARAMS = {
     "view_col": (Optional[str], typer.Option("--view-col", help="--dataset csv: view column (PA, AP, ...).")),
     "age_col": (Optional[str], typer.Option("--age-col", help="--dataset csv: age column.")),
     "sex_col": (Optional[str], typer.Option("--sex-col", help="--dataset csv: sex column.")),
+    "follow_links": (bool, typer.Option("--follow-links", help=(
+        "Follow symbolic links inside the data folder that lead out of it (e.g. images_001 "
+        "-> a bigger disk, made by you); refused otherwise."))),
 }
 
 

@@ -75,7 +75,8 @@ def detect(root: str | os.PathLike, options: dict[str, Any] | None = None) -> st
         "--label-cols A,B or --label-col COL --label-sep '|'")
 
 
-def load_dataset(root: str | os.PathLike, dataset: str = "auto", **options: Any) -> ImageTable:
+def load_dataset(root: str | os.PathLike, dataset: str = "auto", *, follow_links: bool = False,
+                 **options: Any) -> ImageTable:
     """Read any supported collection into an :class:`ImageTable`.
 
     Args:
@@ -84,6 +85,9 @@ def load_dataset(root: str | os.PathLike, dataset: str = "auto", **options: Any)
         options: reader options (``view``, ``val_fraction``, ``test_fraction``, ``seed``,
             ``missing``, ``uncertain``, ``blank``, ``csv_path``, the csv reader's column
             names, ...). ``None`` means "not given".
+        follow_links: follow symbolic links inside the data folder that lead out of it
+            (``--follow-links``; refused otherwise: a metadata file must not make
+            cxrembed read any file). Recorded on the table, and by encode in the store.
     """
     name = detect(root, options) if dataset == "auto" else dataset
     module = reader(name)
@@ -96,4 +100,12 @@ def load_dataset(root: str | os.PathLike, dataset: str = "auto", **options: Any)
         elif value not in _DEFAULTS.get(key, (None,)) and value not in ((), [], False):
             raise ConfigError(f"{FLAGS.get(key, key)} does not apply to --dataset {name} "
                               f"({root}); leave it out")
-    return module.load(root, **call)
+    from cxrembed.data.tabular import FOLLOW_LINKS
+
+    token = FOLLOW_LINKS.set(bool(follow_links))
+    try:
+        table = module.load(root, **call)
+    finally:
+        FOLLOW_LINKS.reset(token)
+    table.follow_links = bool(follow_links)
+    return table

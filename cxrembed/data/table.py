@@ -72,6 +72,8 @@ class ImageTable:
     dataset: str = "nih"
     #: A sentence for ``info`` when the collection lacks something (e.g. patient ids).
     notes: list[str] = field(default_factory=list)
+    #: Read with ``--follow-links``: image paths may go through links leading out of root.
+    follow_links: bool = False
 
     _ROW_FIELDS = ("image_id", "patient_id", "follow_up", "labels", "view", "age", "sex",
                    "split", "path", "label_known", "patient")
@@ -98,7 +100,7 @@ class ImageTable:
         kwargs = {name: getattr(self, name)[rows] for name in self._ROW_FIELDS}
         return ImageTable(root=self.root, missing=list(self.missing), sources=dict(self.sources),
                           label_names=self.label_names, dataset=self.dataset,
-                          notes=list(self.notes), **kwargs)
+                          notes=list(self.notes), follow_links=self.follow_links, **kwargs)
 
     def split_rows(self, split: str) -> np.ndarray:
         """Integer row indices of one split (``train``, ``val`` or ``test``)."""

@@ -11,6 +11,7 @@ import csv
 import gzip
 import io
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def parse_split(cell: str, where: str) -> str:
     return SPLIT_SPELLINGS[value]
 
 
+#: True while :func:`cxrembed.data.load_dataset` reads with ``follow_links=True``
+#: (``--follow-links``): links inside the data folder are followed wherever they lead.
+FOLLOW_LINKS: ContextVar[bool] = ContextVar("cxrembed_follow_links", default=False)
+
+
 def inside(real_root: str, real: str) -> bool:
     """Whether the real path ``real`` lies in the real folder ``real_root``."""
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
@@ -199,11 +205,15 @@ def present_inside(root: Path, paths: list[str] | np.ndarray, where: str) -> np.
     """``path`` where it is a file inside ``root`` once links are followed, ``""`` where
     absent. A symbolic link (to a file, or a folder on the way) that leads out of the data
     folder is a DataError, as a ``..`` path is: it could make cxrembed read, and serve,
-    any file. One ``lstat`` per path (what the existence check cost before) and one
+    any file; unless the user said the links are theirs (``--follow-links``, see
+    :data:`FOLLOW_LINKS`): then a link inside the folder is followed wherever it leads
+    (``paths`` themselves are inside ``root``: the readers refuse ``..`` and absolute
+    paths). One ``lstat`` per path (what the existence check cost before) and one
     ``realpath`` per link or folder."""
     import stat
 
     real_root = os.path.realpath(root)
+    follow = FOLLOW_LINKS.get()
     real_dirs: dict[str, str] = {}
     out = np.empty(len(paths), dtype=object)
     escaping: list[tuple[str, str]] = []
@@ -226,13 +236,16 @@ def present_inside(root: Path, paths: list[str] | np.ndarray, where: str) -> np.
             real = os.path.join(real_dirs[folder], os.path.basename(path))
         else:
             continue
-        if not inside(real_root, real):
+        if not follow and not inside(real_root, real):
             escaping.append((str(path), real))
         out[i] = path
     if escaping:
         link, target = escaping[0]
         raise DataError(f"{len(escaping)} image(s) named by {where} are symbolic links (or under "
                         f"a linked folder) leading out of the data folder {root} (first: {link}"
-                        f" -> {target}); cxrembed reads only files inside it: copy the images "
-                        "in, or pass the folder they really are in as the data folder")
+                        f" -> {target}); cxrembed reads only files inside it. If you made these "
+                        "links (e.g. images_001 -> a bigger disk), pass --follow-links (in "
+                        "Python: follow_links=True) to read through links inside the data "
+                        "folder; otherwise copy the images in, or pass the folder they really "
+                        "are in as the data folder")
     return out

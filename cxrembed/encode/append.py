@@ -82,7 +82,9 @@ def _start(out: Path, work: Path, store: Any, new_part: Any, encoder: Any,
                                    for p in side)) if has_text else [])
     keep = {k: v for k, v in attrs.items() if k in (
         "model_name", "weights_source", "weights_sha256", "run", "load_args", "dataset",
-        "preprocessing", "dataset_root", "dataset_sources", "selection")}
+        "preprocessing", "dataset_root", "dataset_sources", "selection", "follow_links")}
+    if getattr(new_part, "follow_links", False):
+        keep["follow_links"] = True
     writer = StoreWriter.create(
         work, rows=_combined_rows(store, new_part), embed_dim=store.embed_dim,
         fingerprint=store.fingerprint, has_head=store.has_head, has_text=has_text,

@@ -257,7 +257,14 @@ def _create_store(out: Path, part: Any, encoder: Any, text_prompts: dict, prompt
                "preprocessing": fingerprint.get("preprocessing") or _preprocessing(),
                "dataset_root": str(Path(part.root).resolve()),
                "dataset_sources": dict(getattr(part, "sources", {}) or {}),
-               "selection": {"splits": list(splits) if splits else None, "limit": limit}})
+               "selection": {"splits": list(splits) if splits else None, "limit": limit},
+               **_links_attr(part)})
+
+
+def _links_attr(part: Any) -> dict:
+    """``follow_links``: read with --follow-links, so montages and serve's thumbnails
+    read this store's images through links inside the data folder too."""
+    return {"follow_links": True} if getattr(part, "follow_links", False) else {}
 
 
 def _run(writer: Any, source: Any, source_rows: np.ndarray, encoder: Any, out: Path,

@@ -31,6 +31,9 @@ Layout of ``STORE.h5`` (N images, D = the encoder's joint-space dimension)::
       chunk_rows        and hence its vectors, are those of an uninterrupted run)
       dataset_root      the data folder encoded (for montages); ``image_path`` is relative to it
       dataset_sources   JSON: the metadata and split files it was read from
+      follow_links      True when read with ``--follow-links`` (absent otherwise): montages
+                        and serve's thumbnails then read its images through links inside
+                        ``dataset_root`` that lead out of it
       selection         JSON: the ``splits`` and ``limit`` asked for
       embedding_health  JSON (set when complete): ``mean_cosine`` (mean pairwise cosine of
                         a seeded sample of rows), ``effective_rank`` (exp of the entropy
