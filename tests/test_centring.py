@@ -165,7 +165,8 @@ def test_store_without_a_mean_still_searches(tmp_path, monkeypatch):
 
 def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch):
     """finding-status precision@10, raw and centred, on every labelled row (N < sample)."""
-    monkeypatch.setattr(centring_mod, "BLOCK", 200)  # top-k merged across blocks
+    monkeypatch.setattr(centring_mod, "BLOCK", 200)  # queries read across blocks
+    monkeypatch.setattr(centring_mod, "SCORE_BLOCK", 128)  # top-k merged across blocks
     with EmbeddingStore.open(store_path) as store:
         x, labels, patients = store.embeddings(), store.labels, store.patient_id
         recorded = store.attrs[RECORD_ATTR]

@@ -50,7 +50,8 @@ FIGURE = "finding-status precision@10"
 K = 10
 QUERY_SAMPLE = 2000
 SEED = 0
-BLOCK = 16_384  # rows read and compared per step
+BLOCK = 16_384  # rows read per step
+SCORE_BLOCK = 2_048  # rows each query is compared with per step (bounds the figure's memory)
 
 #: read(start, stop) -> float32 unit vectors of rows start..stop-1
 BlockReader = Callable[[int, int], np.ndarray]
@@ -134,8 +135,8 @@ def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.nd
     q_cen = centre(q_raw, mean)
     empty = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), int))
     best = {"raw": empty, "centred": empty}
-    for start in range(0, n, BLOCK):
-        stop = min(n, start + BLOCK)
+    for start in range(0, n, SCORE_BLOCK):
+        stop = min(n, start + SCORE_BLOCK)
         block = read(start, stop)
         banned = (patients[queries][:, None] == patients[None, start:stop]) | \
             ~kept[None, start:stop]
