@@ -292,6 +292,23 @@ def test_bind_needs_a_token_off_loopback():
         sock.close()
 
 
+def test_connections_answer_without_nagle_delay():
+    """Accepted connections inherit TCP_NODELAY from the listening socket: without it every
+    keep-alive answer waited ~40 ms for the client's delayed ACK (uvicorn writes the head
+    and the body of a response separately)."""
+    import socket
+
+    sock = bind("127.0.0.1", 0)
+    client = socket.create_connection(sock.getsockname()[:2], timeout=5)
+    try:
+        accepted, _ = sock.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        client.close()
+        sock.close()
+
+
 def test_cli_refuses_an_open_address_without_token(store_path):
     done = run_cli("serve", str(store_path), "--host", "0.0.0.0", "--port", "0", timeout=60)
     assert done.returncode == 1 and "--token" in done.stderr

@@ -53,6 +53,10 @@ def bind(host: str = "127.0.0.1", port: int = 8000, token: str | None = None) ->
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Nagle off (accepted connections inherit it): uvicorn writes a response's head and
+    # body separately, and with Nagle on the body waits for the client's delayed ACK,
+    # ~40 ms on every keep-alive request (measured: 44 ms vs 2 ms for a trivial answer).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host.strip("[]"), port))
         sock.listen(128)
