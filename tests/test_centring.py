@@ -163,6 +163,14 @@ def test_store_without_a_mean_still_searches(tmp_path, monkeypatch):
             search(store, image_id=store.image_id[3], centre="middle")
 
 
+def test_a_tie_within_two_standard_errors_centres_a_clear_loss_does_not():
+    """The rule on per-query figures built to be a tie and a clear loss."""
+    from cxrembed.store.centring import _why
+
+    assert "a tie within 2 standard errors: centred" in _why(0.5449, 0.5463, 0.0027, True, 2000)
+    assert "not centred" in _why(0.4867, 0.5044, 0.0042, False, 2000)
+
+
 def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch):
     """finding-status precision@10, raw and centred, on every labelled row (N < sample)."""
     monkeypatch.setattr(centring_mod, "BLOCK", 200)  # queries read across blocks
@@ -171,20 +179,25 @@ def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch):
         x, labels, patients = store.embeddings(), store.labels, store.patient_id
         recorded = store.attrs[RECORD_ATTR]
     y = labels.astype(bool)
-    figures = {}
+    per_query = {}
     for name, v in (("raw", x.astype(np.float64)), ("centred", unit(x - x.mean(axis=0)))):
         sims = v @ v.T
         sims[patients[:, None] == patients[None, :]] = -np.inf
         top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
-        match = [(y[i] & y[j]).any() if y[i].any() else not y[j].any()
-                 for i in range(N) for j in top[i]]
-        figures[name] = float(np.mean(match))
+        per_query[name] = np.array([np.mean([(y[i] & y[j]).any() if y[i].any()
+                                             else not y[j].any() for j in top[i]])
+                                    for i in range(N)])
+    figures = {name: float(v.mean()) for name, v in per_query.items()}
+    diff = per_query["centred"] - per_query["raw"]
+    stderr = diff.std(ddof=1) / np.sqrt(N)
     got = measure_centring(lambda a, b: x[a:b], N, labels, np.ones_like(labels), patients,
                            x.mean(axis=0))
     assert got["queries"] == N
     assert got["raw"] == pytest.approx(figures["raw"], abs=1e-4)
     assert got["centred"] == pytest.approx(figures["centred"], abs=1e-4)
-    assert got["centre"] is (figures["centred"] >= figures["raw"])
+    assert got["stderr"] == pytest.approx(stderr, abs=1e-4)
+    # centred unless worse than raw by more than two paired standard errors
+    assert got["centre"] is bool(diff.mean() >= -2 * stderr)
     assert recorded["raw"] == got["raw"] and recorded["centre"] is got["centre"]
 
 
