@@ -164,11 +164,14 @@ def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.nd
     return {**record, "queries": int(len(raw)), "raw": round(float(raw.mean()), 4),
             "centred": round(float(cen.mean()), 4), "difference": round(float(diff.mean()), 4),
             "stderr": None if stderr is None else round(stderr, 4), "centre": chosen,
-            "why": _why(float(cen.mean()), float(raw.mean()), stderr, chosen, len(raw))}
+            "why": _why(float(cen.mean()), float(raw.mean()), stderr, chosen, len(raw),
+                        float(diff.mean()))}
 
 
-def _why(centred: float, raw: float, stderr: float | None, chosen: bool, queries: int) -> str:
+def _why(centred: float, raw: float, stderr: float | None, chosen: bool, queries: int,
+         difference: float | None = None) -> str:
     """The choice in words, with the figures that made it."""
+    difference = centred - raw if difference is None else difference
     se = f", standard error {stderr:.4f}" if stderr is not None else ""
     if not chosen:
         verdict = f"centred is worse by more than {TIE_STDERRS:g} standard errors: not centred"
@@ -176,7 +179,7 @@ def _why(centred: float, raw: float, stderr: float | None, chosen: bool, queries
         verdict = "centred"
     else:
         verdict = f"a tie within {TIE_STDERRS:g} standard errors: centred"
-    return (f"{FIGURE} centred {centred:.4f}, raw {raw:.4f} (difference {centred - raw:+.4f}"
+    return (f"{FIGURE} centred {centred:.4f}, raw {raw:.4f} (difference {difference:+.4f}"
             f"{se}, {queries:,} queries): {verdict}")
 
 
