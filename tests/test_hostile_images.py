@@ -27,9 +27,17 @@ def _png_of_zeros(width: int, height: int) -> bytes:
     packer = zlib.compressobj(9)
     row = b"\x00" * (width + 1)  # filter byte 0, then the row
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
+    return (b"\x89PNG\r\n\x1a\n" + _ihdr(width, height) + _chunk(b"IDAT", idat)
             + _chunk(b"IEND", b""))
+
+
+def _ihdr(width: int, height: int) -> bytes:
+    return _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+
+
+def _png_claiming(width: int, height: int, real: int) -> bytes:
+    """A ``real`` x ``real`` black PNG whose header (valid CRC) claims ``width`` x ``height``."""
+    return _png_of_zeros(real, real).replace(_ihdr(real, real), _ihdr(width, height))
 
 
 @pytest.fixture
@@ -91,9 +99,7 @@ def test_png_decompression_bomb_is_refused_before_decoding(tmp_path, bomb, decod
         decode(bomb, decoder=decoder)
     # a header claiming 100,000 x 100,000 behind a tiny body: refused on the header alone
     liar = tmp_path / "liar.png"
-    liar.write_bytes(_png_of_zeros(64, 64).replace(
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)),
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))))
+    liar.write_bytes(_png_claiming(100_000, 100_000, real=64))
     with pytest.raises(DataError, match="decompression bomb"):
         decode(liar, decoder=decoder)
     assert "libpng" not in capfd.readouterr().err
@@ -122,9 +128,7 @@ def test_absurd_dimensions_are_refused(tmp_path, decoder):
     with pytest.raises(DataError, match=r"thin\.png.*aspect ratio"):
         decode(thin, decoder=decoder)
     empty = tmp_path / "zero_wide.png"
-    empty.write_bytes(_png_of_zeros(1, 1).replace(
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)),
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", 0, 1, 8, 0, 0, 0, 0))))
+    empty.write_bytes(_png_claiming(0, 1, real=1))
     with pytest.raises(DataError, match="zero_wide.png"):
         decode(empty, decoder=decoder)
 
