@@ -20,7 +20,7 @@ from cxrembed.errors import ConfigError
 from cxrembed.search import search_vectors
 from cxrembed.store import EmbeddingStore, build_index, load_index
 from cxrembed.store import compressed
-from cxrembed.store import index as index_module
+from cxrembed.store import index_build
 from cxrembed.store.compressed import rerank, to_gpus
 
 K, N = 10, 2000
@@ -116,7 +116,7 @@ def test_build_trains_on_a_seeded_sample_and_adds_in_blocks(tmp_path, monkeypatc
         return original(self, rows, normalized)
 
     monkeypatch.setattr(EmbeddingStore, "embeddings", spy)
-    monkeypatch.setattr(index_module, "ADD_BLOCK", 300)
+    monkeypatch.setattr(index_build, "ADD_BLOCK", 300)
     monkeypatch.setattr(compressed, "PQ_TRAIN_MIN", 500)  # a sample smaller than the store
     params = {**PARAMS, "nlist": 8}
     build_index(path, "ivfpq", params=params)
