@@ -23,7 +23,7 @@ def drop_rows(path: str | os.PathLike, skipped: dict[int, str], *, finished: str
     ``skipped_images`` = ``[{"image_id", "reason"}]`` in its attributes."""
     import h5py
 
-    from cxrembed.store.writer import _early_dcpl
+    from cxrembed.store.create import early_dcpl
 
     path = Path(path)
     tmp = path.with_name(path.name + ".compacting")
@@ -46,9 +46,9 @@ def drop_rows(path: str | os.PathLike, skipped: dict[int, str], *, finished: str
                 if isinstance(obj, h5py.Group):
                     src.copy(obj, dst, name=name)
                 elif name == "rows_done":
-                    dst.create_dataset(name, data=np.array([kept], np.int64), dcpl=_early_dcpl())
+                    dst.create_dataset(name, data=np.array([kept], np.int64), dcpl=early_dcpl())
                 else:
-                    _copy_kept(obj, dst, name, keep, kept, _early_dcpl())
+                    _copy_kept(obj, dst, name, keep, kept, early_dcpl())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -57,7 +57,7 @@ def join_stores(target: str | os.PathLike, parts: list[str | os.PathLike],
     import h5py
 
     from cxrembed.store.schema import JSON_ATTRS
-    from cxrembed.store.writer import _early_dcpl
+    from cxrembed.store.create import early_dcpl
 
     target, parts = Path(target), [Path(p) for p in parts]
     if not parts:
@@ -73,9 +73,9 @@ def join_stores(target: str | os.PathLike, parts: list[str | os.PathLike],
                     files[0].copy(obj, dst, name=name)
                 elif name == "rows_done":
                     dst.create_dataset(name, data=np.array([total], np.int64),
-                                       dcpl=_early_dcpl())
+                                       dcpl=early_dcpl())
                 else:
-                    _concatenate(files, dst, name, sizes, total, _early_dcpl())
+                    _concatenate(files, dst, name, sizes, total, early_dcpl())
             skipped = [s for a in part_attrs for s in (a.get("skipped_images") or [])]
             merged = {**part_attrs[0], **(attrs or {}), "num_rows": total,
                       "uuid": uuid.uuid4().hex, "finished": "", "complete": False,

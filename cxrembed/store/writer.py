@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cxrembed import __version__
 from cxrembed.errors import StoreError
 from cxrembed.files import atomic_write_text, check_space, disk_full_error, is_disk_full
 from cxrembed.labels import LABELS
+from cxrembed.store.create import check_rows, now, write_new_store
 from cxrembed.store.lock import acquire, holding_lock, release
 from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNOWN,
                                    READABLE_VERSIONS, ROW_FIELDS, decode_strings,
@@ -23,26 +21,6 @@ from cxrembed.store.schema import (FORMAT, FORMAT_VERSION, JSON_ATTRS, LABEL_KNO
 from cxrembed.store.validate import check_store
 
 log = logging.getLogger(__name__)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _early_dcpl():
-    """Contiguous layout, space allocated at creation, no fill writes, no timestamps.
-
-    With this, later writes touch raw data only and never the file's metadata, which is
-    what makes a kill at any moment harmless.
-    """
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_layout(h5py.h5d.CONTIGUOUS)
-    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    dcpl.set_obj_track_times(False)
-    return dcpl
 
 
 def _open_h5(path: Path) -> Any:
@@ -125,73 +103,21 @@ class StoreWriter:
                 ``rows["label_known"]`` may be left out (all known).
             head_label_names: the columns of the head's logits (default: NIH's 14).
         """
-        import h5py
-
         path = Path(path)
         n = len(rows["image_id"])
-        if chunk_rows % batch_size:
-            raise StoreError(f"chunk_rows {chunk_rows} is not a multiple of batch_size "
-                             f"{batch_size}")
         label_names = list(label_names or LABELS)
         head_label_names = list(head_label_names or LABELS)
-        known = rows.get(LABEL_KNOWN)
-        known = np.ones((n, len(label_names)), np.uint8) if known is None else known
-        missing = set(ROW_FIELDS) - set(rows)
-        if missing:
-            raise StoreError(f"row fields missing for the store: {', '.join(sorted(missing))}")
-        for name, value in (("labels", rows["labels"]), (LABEL_KNOWN, known)):
-            if np.shape(value) != (n, len(label_names)):
-                raise StoreError(f"{name} must be ({n}, {len(label_names)}) for "
-                                 f"{len(label_names)} label names, got {np.shape(value)}")
+        known = check_rows(rows, label_names, batch_size, chunk_rows)
         tmp = path.with_name(path.name + ".creating")
         # The vectors alone (a lower bound): a store that cannot fit is refused unwritten.
         per_row = embed_dim * 2 + 4 + (4 * len(head_label_names) if has_head else 0)
         check_space(path, n * per_row, f"a store of {n:,} rows")
         try:
-            with h5py.File(tmp, "w") as f:
-                base = {
-                    "format": FORMAT, "format_version": FORMAT_VERSION,
-                    "cxrembed_version": __version__, "uuid": uuid.uuid4().hex,
-                    "created": _now(), "finished": "", "complete": False, "num_rows": n,
-                    "embed_dim": int(embed_dim), "fingerprint": fingerprint,
-                    "has_head": bool(has_head), "has_text": bool(has_text),
-                    "label_names": label_names, "batch_size": int(batch_size),
-                    "chunk_rows": int(chunk_rows),
-                }
-                for key, value in {**base, **(attrs or {})}.items():
-                    if key in JSON_ATTRS:
-                        value = json.dumps(value)
-                    f.attrs[key] = "" if value is None else value
-                for name, kind in ROW_FIELDS.items():
-                    data = rows[name]
-                    data = encode_strings(data) if kind == "S" else np.asarray(data, dtype=kind)
-                    f.create_dataset(name, data=data, dcpl=_early_dcpl())
-                f.create_dataset(LABEL_KNOWN, data=np.asarray(known, dtype="u1"),
-                                 dcpl=_early_dcpl())
-                dcpl = _early_dcpl()
-                f.create_dataset("embedding", shape=(n, embed_dim), dtype="f2", dcpl=dcpl)
-                f.create_dataset("embedding_norm", shape=(n,), dtype="f4", dcpl=dcpl)
-                if has_head:
-                    f.attrs["head_label_names"] = json.dumps(head_label_names)
-                    f.create_dataset("head_logits", shape=(n, len(head_label_names)),
-                                     dtype="f4", dcpl=dcpl)
-                f.create_dataset("rows_done", data=np.zeros(1, np.int64), dcpl=dcpl)
-                if has_text:
-                    if prompts is None or text_embeddings is None:
-                        raise StoreError("a store with a text tower needs its prompts and "
-                                         "their text embeddings")
-                    group = f.create_group("text")
-                    group.attrs["prompts"] = json.dumps(
-                        {c: [list(p), list(q)] for c, (p, q) in prompts.items()})
-                    distinct = list(dict.fromkeys(p for pair in prompts.values()
-                                                  for side in pair for p in side))
-                    if len(distinct) != len(text_embeddings):
-                        raise StoreError(f"{len(distinct)} distinct prompts but "
-                                         f"{len(text_embeddings)} text embeddings")
-                    group.create_dataset("prompt", data=np.array(distinct, dtype=object),
-                                         dtype=h5py.string_dtype())
-                    group.create_dataset("embedding",
-                                         data=np.asarray(text_embeddings, dtype=np.float32))
+            write_new_store(tmp, rows=rows, known=known, embed_dim=embed_dim,
+                            fingerprint=fingerprint, has_head=has_head, has_text=has_text,
+                            batch_size=batch_size, chunk_rows=chunk_rows, prompts=prompts,
+                            text_embeddings=text_embeddings, attrs=attrs,
+                            label_names=label_names, head_label_names=head_label_names)
             _sidecar(path).unlink(missing_ok=True)
             # Only a fully created file takes the store's name: a kill during creation
             # leaves a stray ``.creating`` file, never a half-made store.
@@ -210,7 +136,7 @@ class StoreWriter:
                image_id: np.ndarray | None = None) -> "StoreWriter":
         """Reopen an interrupted store to continue at ``rows_done``; refuse another encoder
         (and, when ``image_id`` is given, other images)."""
-        from cxrembed.store.reader import check_same_encoder
+        from cxrembed.store.fingerprint import check_same_encoder
 
         path = Path(path)
         writer = cls._open_rw(path)
@@ -346,11 +272,11 @@ class StoreWriter:
                 self._file.flush()
                 self._file.close()
                 self._file = None
-                drop_rows(self.path, self.skipped, finished=_now())
+                drop_rows(self.path, self.skipped, finished=now())
                 self._file = _open_h5(self.path)
                 _sidecar(self.path).unlink(missing_ok=True)
                 return
-            self._file.attrs["finished"] = _now()
+            self._file.attrs["finished"] = now()
             self._file.attrs["complete"] = True
             self._file.flush()
         except OSError as exc:
