@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,52 +12,20 @@ import numpy as np
 from cxrembed.data.splits import SPLITS
 from cxrembed.errors import ConfigError, CxrembedError, StoreError
 from cxrembed.labels import LABELS, canonical
+from cxrembed.store.fingerprint import check_same_encoder
 from cxrembed.store.lock import describe_owner, writer_at_work
 from cxrembed.store.schema import (FORMAT, LABEL_KNOWN, NO_FINDING_KEY, READABLE_VERSIONS,
                                    ROW_FIELDS, decode_strings, read_attrs)
+from cxrembed.store.text import StoreText
 from cxrembed.store.validate import check_store
 
 log = logging.getLogger(__name__)
 
+# check_same_encoder lives in .fingerprint; importable from here as before.
+__all__ = ["EmbeddingStore", "check_same_encoder"]
+
 #: Rows read per HDF5 slice when gathering scattered rows (bounds the extra memory).
 READ_BLOCK = 8192
-
-
-def _fingerprint_of(thing: Any) -> dict:
-    if isinstance(thing, dict):
-        return thing
-    fingerprint = getattr(thing, "fingerprint", None)
-    if isinstance(fingerprint, dict):
-        return fingerprint
-    raise TypeError(f"cannot take an encoder fingerprint from {type(thing).__name__}")
-
-
-def check_same_encoder(a: Any, b: Any, what: tuple[str, str] | None = None) -> None:
-    """Refuse to compare vectors of two different encoders.
-
-    ``a`` and ``b`` are stores, encoders or fingerprint dicts. Raises StoreError naming the
-    fields that differ; returns None when the fingerprints are equal.
-    """
-    fa, fb = _fingerprint_of(a), _fingerprint_of(b)
-    # Compare as JSON: tuples and lists, ints and floats spelled alike compare alike.
-    ja = json.loads(json.dumps(fa, sort_keys=True, default=str))
-    jb = json.loads(json.dumps(fb, sort_keys=True, default=str))
-    if ja == jb:
-        return
-    names = what or (_describe(a), _describe(b))
-    keys = sorted(k for k in set(ja) | set(jb) if ja.get(k) != jb.get(k))
-    diffs = "; ".join(f"{k}: {ja.get(k)!r} vs {jb.get(k)!r}" for k in keys[:5])
-    raise StoreError(f"{names[0]} and {names[1]} come from different encoders ({diffs}); "
-                     "their vectors are not comparable: encode both with the same model "
-                     "and weights")
-
-
-def _describe(thing: Any) -> str:
-    if isinstance(thing, EmbeddingStore):
-        return f"store {thing.path}"
-    if isinstance(thing, dict):
-        return f"fingerprint {thing.get('model', thing.get('model_name', '?'))}"
-    return f"encoder {getattr(thing, 'model_name', type(thing).__name__)}"
 
 
 def _busy(path: Path, writer: dict, cause: Exception) -> StoreError:
@@ -67,7 +34,7 @@ def _busy(path: Path, writer: dict, cause: Exception) -> StoreError:
                       "finish, then run this again")
 
 
-class EmbeddingStore:
+class EmbeddingStore(StoreText):
     """A read-only store. Metadata arrays (small) are loaded; vectors are read on demand.
 
     Open with :meth:`open`. Row ``i`` of every array and of :meth:`embeddings` is image
@@ -348,67 +315,6 @@ class EmbeddingStore:
             raise StoreError(f"store {self.path} has no adapted-head logits: it was encoded "
                              "with a frozen CLIP; encode with --checkpoint RUN to get them")
         return self._gather("head_logits", self._check_rows(rows)).astype(np.float32)
-
-    # ---------------------------------------------------------------------------------
-    # Text
-
-    def _require_text(self) -> None:
-        if not self.has_text:
-            raise StoreError(f"store {self.path} was encoded with "
-                             f"{self.attrs.get('model_name')!r}, which has no text tower: "
-                             "text prompts and text queries need a CLIP with one")
-
-    @property
-    def prompts(self) -> dict[str, tuple[list[str], list[str]]]:
-        """The class prompts stored: ``{class: ([positive], [negative])}``."""
-        self._require_text()
-        raw = json.loads(self._file["text"].attrs["prompts"])
-        return {name: (list(pos), list(neg)) for name, (pos, neg) in raw.items()}
-
-    def text_embeddings(self, normalized: bool = True) -> dict[str, np.ndarray]:
-        """``{prompt: float32 vector}`` for every stored prompt."""
-        self._require_text()
-        names = self._file["text/prompt"].asstr()[:]
-        vectors = self._file["text/embedding"][:].astype(np.float32)
-        if normalized:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return dict(zip(names, vectors))
-
-    def encoder(self, device: str = "auto") -> Any:
-        """Load the encoder that made this store (its weights must be reachable here) and
-        check that its fingerprint is the store's. ``device``: see
-        :func:`cxrembed.device.resolve_device`."""
-        from cxrembed.model import load_encoder
-
-        args = self.attrs.get("load_args")
-        if not args:
-            raise StoreError(f"store {self.path} does not record how to load its encoder "
-                             f"({self.attrs.get('model_name')}); pass the encoder yourself")
-        encoder = load_encoder(**args, device=device)
-        check_same_encoder(self, encoder, what=(f"store {self.path}",
-                                                f"the encoder loaded from {args}"))
-        return encoder
-
-    def encode_prompts(self, prompts: list[str], normalized: bool = True,
-                       encoder: Any = None) -> np.ndarray:
-        """float32 ``(P, D)`` text embeddings: stored ones reused, the rest encoded with
-        the store's own encoder (loaded once, only when needed)."""
-        self._require_text()
-        stored = self.text_embeddings(normalized=False)
-        missing = [p for p in dict.fromkeys(prompts) if p not in stored]
-        if missing:
-            import torch
-
-            encoder = encoder or self.encoder()
-            check_same_encoder(self, encoder)
-            with torch.no_grad():
-                new = encoder.encode_text(missing).float().cpu().numpy()
-            stored.update(zip(missing, new))
-        out = np.stack([stored[p] for p in prompts]).astype(np.float32) if prompts else \
-            np.zeros((0, self.embed_dim), np.float32)
-        if normalized and len(out):
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
 
     # ---------------------------------------------------------------------------------
 
