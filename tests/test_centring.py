@@ -171,19 +171,28 @@ def test_a_tie_within_two_standard_errors_centres_a_clear_loss_does_not():
     assert "not centred" in _why(0.4867, 0.5044, 0.0042, False, 2000)
 
 
-def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch):
-    """finding-status precision@10, raw and centred, on every labelled row (N < sample)."""
+@pytest.mark.parametrize("pool", [None, 150])
+def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch, pool):
+    """finding-status precision@10, raw and centred, on every labelled row (N < sample);
+    with ``pool``, neighbours among that seeded sample of rows (as in a store of over
+    NEIGHBOUR_POOL rows)."""
+    from cxrembed.store.health import sample_rows
+
     monkeypatch.setattr(centring_mod, "BLOCK", 200)  # queries read across blocks
     monkeypatch.setattr(centring_mod, "SCORE_BLOCK", 128)  # top-k merged across blocks
+    if pool is not None:
+        monkeypatch.setattr(centring_mod, "NEIGHBOUR_POOL", pool)
     with EmbeddingStore.open(store_path) as store:
         x, labels, patients = store.embeddings(), store.labels, store.patient_id
         recorded = store.attrs[RECORD_ATTR]
     y = labels.astype(bool)
+    cols = np.arange(N) if pool is None else sample_rows(np.arange(N), pool, 1)
+    assert len(cols) == (N if pool is None else pool)
     per_query = {}
     for name, v in (("raw", x.astype(np.float64)), ("centred", unit(x - x.mean(axis=0)))):
-        sims = v @ v.T
-        sims[patients[:, None] == patients[None, :]] = -np.inf
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :10]
+        sims = v @ v[cols].T
+        sims[patients[:, None] == patients[None, cols]] = -np.inf
+        top = cols[np.argsort(-sims, axis=1, kind="stable")[:, :10]]
         per_query[name] = np.array([np.mean([(y[i] & y[j]).any() if y[i].any()
                                              else not y[j].any() for j in top[i]])
                                     for i in range(N)])
@@ -192,13 +201,16 @@ def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch):
     stderr = diff.std(ddof=1) / np.sqrt(N)
     got = measure_centring(lambda a, b: x[a:b], N, labels, np.ones_like(labels), patients,
                            x.mean(axis=0))
-    assert got["queries"] == N
+    assert got["queries"] == N and got["pool_rows"] == len(cols)
     assert got["raw"] == pytest.approx(figures["raw"], abs=1e-4)
     assert got["centred"] == pytest.approx(figures["centred"], abs=1e-4)
     assert got["stderr"] == pytest.approx(stderr, abs=1e-4)
     # centred unless worse than raw by more than two paired standard errors
     assert got["centre"] is bool(diff.mean() >= -2 * stderr)
-    assert recorded["raw"] == got["raw"] and recorded["centre"] is got["centre"]
+    if pool is None:  # the store's own record: every row was a neighbour candidate
+        assert recorded["raw"] == got["raw"] and recorded["centre"] is got["centre"]
+    else:  # a smaller pool finds other neighbours
+        assert (got["raw"], got["centred"]) != (recorded["raw"], recorded["centred"])
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ Whether a store's searches centre (``--centre auto``) is decided by one figure m
 on the store itself when it is encoded, and recorded in its attributes:
 
 ``finding-status precision@10``: for a seeded sample of up to 2,000 labelled rows, each a
-query against every row of another patient (exact search), the share of its 10
+query against every row of another patient (exact search; in a store of more than
+1,000,000 rows, against a seeded sample of 1,000,000 of them, so that the figure costs at
+most 2,000 x 1M x 2 dot products whatever the store's size), the share of its 10
 neighbours that match its finding status: a neighbour sharing at least one of its
 positive labels for a query with findings, a neighbour with no finding for a No Finding
 query. It is label precision@10 with "No Finding" counted as a label. It decides, rather
@@ -57,6 +59,7 @@ QUERY_SAMPLE = 2000
 SEED = 0
 BLOCK = 16_384  # rows read per step
 SCORE_BLOCK = 2_048  # rows each query is compared with per step (bounds the figure's memory)
+NEIGHBOUR_POOL = 1_000_000  # most rows the figure's exact search looks among (seeded sample)
 
 #: read(start, stop) -> float32 unit vectors of rows start..stop-1
 BlockReader = Callable[[int, int], np.ndarray]
@@ -90,9 +93,9 @@ def mean_unit_vector(read: BlockReader, n: int, kept: np.ndarray | None = None) 
 # The figure
 
 
-def _merge_top(best: tuple[np.ndarray, np.ndarray], sims: np.ndarray, start: int, k: int
+def _merge_top(best: tuple[np.ndarray, np.ndarray], sims: np.ndarray, rows: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray]:
-    rows = np.broadcast_to(np.arange(start, start + sims.shape[1]), sims.shape)
+    rows = np.broadcast_to(rows, sims.shape)
     sims = np.concatenate([best[0], sims], axis=1)
     rows = np.concatenate([best[1], rows], axis=1)
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
@@ -110,13 +113,33 @@ def finding_status(labels: np.ndarray, known: np.ndarray, queries: np.ndarray,
     return match.mean(axis=1)
 
 
+def _exact_top(read: BlockReader, pool: np.ndarray, patients: np.ndarray, queries: np.ndarray,
+               q_raw: np.ndarray, mean: np.ndarray, k: int
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Exact top-``k`` (similarities, rows) of each query among the ``pool`` rows (ascending)
+    of other patients, raw and centred, ``SCORE_BLOCK`` pool rows at a time."""
+    q_cen = centre(q_raw, mean)
+    empty = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), int))
+    best = {"raw": empty, "centred": empty}
+    for i in range(0, len(pool), SCORE_BLOCK):
+        rows = pool[i:i + SCORE_BLOCK]
+        block = read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
+        banned = patients[queries][:, None] == patients[None, rows]
+        for name, q, x in (("raw", q_raw, block), ("centred", q_cen, centre(block, mean))):
+            sims = q @ x.T
+            sims[banned] = -np.inf
+            best[name] = _merge_top(best[name], sims, rows, k)
+    return best
+
+
 def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.ndarray,
                      patients: np.ndarray, mean: np.ndarray, *, kept: np.ndarray | None = None,
                      sample: int = QUERY_SAMPLE, seed: int = SEED, k: int = K) -> dict[str, Any]:
     """The ``search_centring`` record: the figure raw and centred, and the choice.
 
     Queries: a seeded sample of rows whose finding status is known (a known positive, or
-    every label known); neighbours: exact top-``k`` among rows of other patients.
+    every label known); neighbours: exact top-``k`` among rows of other patients (among a
+    seeded sample of ``NEIGHBOUR_POOL`` kept rows when the store has more).
     """
     from cxrembed.store.health import sample_rows
 
@@ -137,18 +160,9 @@ def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.nd
         inside = (queries >= start) & (queries < stop)
         if inside.any():
             q_raw[inside] = read(start, stop)[queries[inside] - start]
-    q_cen = centre(q_raw, mean)
-    empty = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), int))
-    best = {"raw": empty, "centred": empty}
-    for start in range(0, n, SCORE_BLOCK):
-        stop = min(n, start + SCORE_BLOCK)
-        block = read(start, stop)
-        banned = (patients[queries][:, None] == patients[None, start:stop]) | \
-            ~kept[None, start:stop]
-        for name, q, x in (("raw", q_raw, block), ("centred", q_cen, centre(block, mean))):
-            sims = q @ x.T
-            sims[banned] = -np.inf
-            best[name] = _merge_top(best[name], sims, start, k)
+    pool = sample_rows(np.flatnonzero(kept), NEIGHBOUR_POOL, seed + 1)
+    record["pool_rows"] = int(len(pool))
+    best = _exact_top(read, pool, patients, queries, q_raw, mean, k)
     figures = {}
     for name, (sims, rows) in best.items():
         rows = np.where(np.isfinite(sims), rows, -1)
