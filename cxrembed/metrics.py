@@ -12,12 +12,10 @@ Conventions a reader can rely on:
   patient's rows (images of one patient are correlated; resampling rows would give
   intervals that are too narrow). Seeded, 1,000 resamples by default, percentile intervals.
 
-Implementation (:func:`weighted_aucs`): one sort per class; the weighted Mann-Whitney
-statistic of every resample of every class is then one sparse (groups x patients) by dense
-(patients x resamples) product, about ``rows x classes x resamples`` multiply-adds in C,
-with no Python loop over classes or resamples. Resample weights are whole numbers, so the
-sums are exact in float32. Weights all equal to one give the point estimate through the
-same code, so the point estimate and the replicates cannot disagree on tie handling.
+Implementation: :func:`cxrembed.mannwhitney.weighted_aucs` (one sort per class, then the
+weighted Mann-Whitney statistic of every resample of every class from one sparse by dense
+product, exact). Weights all equal to one give the point estimate through the same code, so
+the point estimate and the replicates cannot disagree on tie handling.
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import numpy as np
 
 from cxrembed.errors import ConfigError, DataError
 from cxrembed.labels import LABELS
+from cxrembed.mannwhitney import weighted_aucs
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +137,9 @@ def per_class_auc(y_true: Any, scores: Any, *, names: Sequence[str] | None = Non
     """
     y, s = _as_2d(y_true, scores)
     mask = _known_mask(known, y.shape)
-    if mask is not None:
-        auc = np.empty(y.shape[1])
-        for cols, part in _by_class(
-                mask, lambda cols: per_class_auc(y[:, cols], s[:, cols], warn=False),
-                lambda c, rows: per_class_auc(y[rows, c], s[rows, c], warn=False)):
-            auc[cols] = part
-        if warn:
-            _warn_undefined(auc, names, y, known=mask)
-        return auc
-    auc = weighted_aucs(y, s, np.arange(len(y)), np.ones((len(y), 1), np.float32))[0]
+    auc = weighted_aucs(y, s, np.arange(len(y)), np.ones((len(y), 1), np.float32), mask)[0]
     if warn:
-        _warn_undefined(auc, names, y)
+        _warn_undefined(auc, names, y, known=mask)
     return auc
 
 
@@ -201,8 +191,8 @@ def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
     """
     y, s = _as_2d(y_true, scores)
     mask = _known_mask(known, y.shape)
-    if mask is not None:
-        index = np.asarray(patient_index).reshape(-1)
+    index = np.asarray(patient_index).reshape(-1)
+    if mask is not None and device is not None:  # the torch path takes one mask at a time
         point, reps = np.empty(y.shape[1]), np.empty((weights.shape[1], y.shape[1]))
         for cols, (p, r) in _by_class(
                 mask, lambda cols: replicate_aucs(y[:, cols], s[:, cols], index, weights,
@@ -216,87 +206,13 @@ def replicate_aucs(y_true: Any, scores: Any, patient_index: np.ndarray,
     w = np.empty((n_patients, weights.shape[1] + 1), np.float32)
     w[:, 0] = 1.0
     w[:, 1:] = weights
-    index = np.asarray(patient_index).reshape(-1)
-    out = (weighted_aucs(y, s, index, w) if device is None
+    out = (weighted_aucs(y, s, index, w, mask) if device is None
            else weighted_aucs_torch(y, s, index, w, device))
     return out[0], out[1:]
 
 
 # ---------------------------------------------------------------------------------------
-# The weighted Mann-Whitney statistic, every class and many weightings at once
-
-
-def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np.ndarray
-                  ) -> np.ndarray:
-    """``(W, C)`` AUC of every class under every column of ``weights`` (patients x W):
-    row i of class c counts ``weights[patient[i], w]`` times.
-
-    One sort per class; then the weighted Mann-Whitney statistic of every weighting is one
-    sparse (groups x patients) by dense (patients x W) product for all classes together:
-    about ``rows x classes x W`` multiply-adds, in C. Weights are whole numbers (patients
-    drawn), so every sum is a whole or half number, exact in float32 below 2**23 (far
-    above any test set's size): float32 halves the memory traffic and rounds nothing.
-    """
-    import scipy.sparse as sp
-
-    n, n_classes = y.shape
-    w = np.ascontiguousarray(weights, dtype=np.float32)
-    n_w = w.shape[1]
-    st = np.ascontiguousarray(s.T)
-    order = np.argsort(st, axis=1)  # (C, n): each class's rows by score
-    rows_c = np.arange(n_classes)[:, None]
-    s_sorted, y_sorted = st[rows_c, order], y.T[rows_c, order].astype(bool)
-    new_group = np.ones(s_sorted.shape, dtype=bool)
-    np.not_equal(s_sorted[:, 1:], s_sorted[:, :-1], out=new_group[:, 1:])
-    # Tie groups numbered across classes: class c's ids lie in [c n, (c + 1) n).
-    group = (np.cumsum(new_group, axis=1) - 1 + rows_c * n).ravel()
-    is_pos = y_sorted.ravel()
-    patient_sorted = patient[order].ravel()
-    has_pos = np.zeros(n_classes * n, dtype=bool)
-    has_pos[group[is_pos]] = True
-    upto = np.cumsum(has_pos)  # positive groups with id <= g, over all classes
-    m = int(upto[-1]) if len(upto) else 0
-    bounds = np.concatenate([[0], upto[np.arange(1, n_classes + 1) * n - 1]])
-    pos_k = upto[group[is_pos]] - 1  # the positive group of each positive row
-    neg_group = group[~is_pos]
-    neg_class = neg_group // n
-    k_above = upto[neg_group]  # first positive group above a negative
-    below = k_above < bounds[neg_class + 1]  # else above every positive of its class
-    tied = has_pos[neg_group]  # tied with positive group k_above - 1
-    neg_patient = patient_sorted[~is_pos]
-    # One sparse matrix: rows 0..m-1 the positive weight of each group, rows m..2m-1 the
-    # negative weight entering below each group: a negative counts from its first group
-    # above (cumulated below); a tied one half from its own group, half from the next.
-    rows = np.concatenate([pos_k, m + k_above[below], m + k_above[tied] - 1])
-    cols = np.concatenate([patient_sorted[is_pos], neg_patient[below], neg_patient[tied]])
-    data = np.concatenate([np.ones(len(pos_k), np.float32),
-                           np.where(tied[below], 0.5, 1.0).astype(np.float32),
-                           np.full(int(tied.sum()), 0.5, np.float32)])
-    perm = np.argsort(rows, kind="stable")  # three sorted runs: a merge
-    indptr = np.zeros(2 * m + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=2 * m), out=indptr[1:])
-    a = sp.csr_matrix((data[perm], cols[perm], indptr), shape=(2 * m, w.shape[0]))
-    starts, defined = bounds[:-1], bounds[1:] > bounds[:-1]
-    u = np.zeros((n_classes, n_w))
-    total_pos = np.zeros((n_classes, n_w))
-    # Weight columns in blocks whose (2m, block) product stays near the CPU caches.
-    block = int(max(16, min(n_w, 2**21 // max(m, 1))))
-    for lo in range(0, n_w if m else 0, block):
-        cols_w = slice(lo, min(lo + block, n_w))
-        r = a @ w[:, cols_w]  # (2m, block)
-        pos_w, below_w = r[:m], r[m:]
-        np.cumsum(below_w, axis=0, out=below_w)  # over all classes: offsets removed below
-        u[defined, cols_w] = np.add.reduceat(np.multiply(pos_w, below_w, dtype=np.float64),
-                                             starts[defined], axis=0)
-        total_pos[defined, cols_w] = np.add.reduceat(pos_w, starts[defined], axis=0)
-        offset = np.zeros((n_classes, r.shape[1]))  # negative weight of the classes before
-        offset[starts > 0] = below_w[starts[starts > 0] - 1]
-        u[:, cols_w] -= offset * total_pos[:, cols_w]
-    total_neg = (np.bincount(patient, minlength=w.shape[0]).astype(np.float32) @ w
-                 ).astype(np.float64) - total_pos
-    denom = total_pos * total_neg
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, u / np.where(denom > 0, denom, 1.0), np.nan).T
+# The weighted Mann-Whitney statistic on a torch device
 
 
 def weighted_aucs_torch(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: Any,

@@ -228,3 +228,74 @@ def test_masked_class_with_no_known_negative_is_undefined():
     assert auc[0] == 0.5 and np.isnan(auc[1])
     with pytest.raises(DataError, match="mask of shape"):
         per_class_auc(y, y.astype(float), known=known[:, :1].T)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernel (cxrembed.mannwhitney) against the definition, on many small problems
+
+
+def pairwise_auc(positive: np.ndarray, scores: np.ndarray, weight: np.ndarray) -> float:
+    """The weighted Mann-Whitney definition, every (positive, negative) pair spelled out:
+    sum of w_i w_j ([s_i > s_j] + [s_i == s_j] / 2) over positives i and negatives j,
+    over (positive weight x negative weight); NaN when either weight is zero."""
+    pos, neg = positive & (weight > 0), ~positive & (weight > 0)
+    diff = scores[pos][:, None] - scores[neg][None, :]
+    pair = np.outer(weight[pos], weight[neg])
+    denom = pair.sum()
+    return float(((diff > 0) * pair + 0.5 * (diff == 0) * pair).sum() / denom) if denom else np.nan
+
+
+def random_problem(rng: np.random.Generator):
+    """Few rows, ties of every kind (rounded, two values, +0.0 and -0.0), rare classes,
+    unknown labels (a class with none known), patients with several rows."""
+    n, classes = int(rng.integers(1, 40)), int(rng.integers(1, 6))
+    y = rng.random((n, classes)) < rng.uniform(0.02, 0.6, classes)
+    scores = rng.normal(size=(n, classes)) * rng.choice([0.3, 1, 50], classes)
+    rounded = rng.random(classes) < 0.5
+    scores[:, rounded] = np.round(scores[:, rounded])
+    if classes > 1:
+        scores[:, 1] = np.where(rng.random(n) < 0.5, 0.0, -0.0)  # a tie, whatever the sign
+    known = rng.random((n, classes)) > rng.choice([0, 0.3])
+    known[:, -1] &= rng.random() > 0.2  # sometimes: no known label at all
+    patients = int(rng.integers(1, n + 1))
+    pid = rng.integers(0, patients, n)
+    weights = rng.multinomial(patients, np.ones(patients) / patients,
+                              size=int(rng.integers(1, 60))).T.astype(np.float64)
+    return y, scores, known, pid, weights
+
+
+@pytest.mark.parametrize("path", ["default", "float64 sums", "many blocks"])
+def test_kernel_equals_the_pairwise_definition(path, monkeypatch):
+    from cxrembed import mannwhitney
+
+    if path == "float64 sums":  # the running sums past float32's exact range
+        monkeypatch.setattr(mannwhitney, "_FLOAT32_EXACT", 0)
+    if path == "many blocks":  # weightings taken 16 at a time
+        monkeypatch.setattr(mannwhitney, "_BLOCK_ELEMENTS", 1)
+    rng = np.random.default_rng(["default", "float64 sums", "many blocks"].index(path))
+    checked = undefined = 0
+    for _ in range(60):
+        y, scores, known, pid, weights = random_problem(rng)
+        auc = mannwhitney.weighted_aucs(y, scores, pid, weights, known)
+        assert auc.shape == (weights.shape[1], y.shape[1])
+        for b in range(weights.shape[1]):
+            for c in range(y.shape[1]):
+                rows = known[:, c]
+                expected = pairwise_auc(y[rows, c], scores[rows, c], weights[pid[rows], b])
+                if np.isnan(expected):
+                    assert np.isnan(auc[b, c])
+                    undefined += 1
+                else:
+                    assert auc[b, c] == pytest.approx(expected, abs=1e-12)
+                    checked += 1
+    assert checked > 1000 and undefined > 50  # both kinds were met
+
+
+@pytest.mark.parametrize("rows", [0, 1, 63, 64, 65, 130, 1000])
+def test_running_sums_down_the_rows_equal_numpy_cumsum(rows):
+    from cxrembed.mannwhitney import _cumsum_rows
+
+    x = np.random.default_rng(rows).integers(0, 5, (rows, 7)).astype(np.float32)
+    expected = np.cumsum(x, axis=0)
+    _cumsum_rows(x)
+    np.testing.assert_array_equal(x, expected)
