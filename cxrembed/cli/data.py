@@ -76,24 +76,35 @@ def cache(
     skip_bad: Annotated[bool, typer.Option(
         "--skip-bad", help="Record unreadable images (listed here and in the cache) instead "
         "of stopping at the first.")] = False,
+    join: Annotated[str, typer.Option("--join", help=(
+        "Under torchrun: how rank 0 joins the ranks' shards, virtual (an HDF5 virtual "
+        "dataset; the shards stay beside the cache) or copy (one self-contained file)."))
+    ] = "virtual",
     no_progress: NoProgressOpt = False,
     source: ReaderOptions = None,
 ) -> None:
-    """Decode every image once into a 224x224 uint8 HDF5 cache (resumes if interrupted)."""
+    """Decode every image once into a 224x224 uint8 HDF5 cache (resumes if interrupted).
+
+    Under torchrun each process decodes a contiguous share into a shard and rank 0 joins
+    them (`torchrun --nnodes M --nproc_per_node 1 ... -m cxrembed cache ...`)."""
     from cxrembed.data.cache import PixelCache, build_pixel_cache
+    from cxrembed.distributed import launch
 
     dataset = load_dataset(data, csv, train_val_list, test_list, view, val_fraction, split_seed,
                            allow_missing, source=source)
     path = build_pixel_cache(dataset, out, decoder=decoder, workers=workers, overwrite=overwrite,
-                             progress=not no_progress, skip_bad=skip_bad)
+                             progress=not no_progress, skip_bad=skip_bad, join=join)
+    if not launch().main:  # under torchrun, rank 0 alone holds the joined cache and prints
+        return
     cached = PixelCache(path)
     skipped = cached.skipped
     cached.close()
     for image_id, reason in skipped.items():
         console.print(f"[yellow]skipped[/] {image_id}: {reason}", highlight=False,
                       soft_wrap=True)
+    # The pixels' size: a cache joined as a virtual dataset is a small file over its shards.
     console.print(f"[green]cached[/] {len(dataset):,} images in {path} "
-                  f"({path.stat().st_size / 2**30:.2f} GiB)")
+                  f"({len(dataset) * cached.size ** 2 / 2**30:.2f} GiB of pixels)")
 
 
 def _show_summary(summary: dict, json_out: bool) -> None:

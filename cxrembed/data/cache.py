@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 BLOCK = 256  # rows decoded per task and flushed together
+JOINS = ("virtual", "copy")  # how a sharded build's rank 0 joins (data/cache_shards.py)
 
 
 def _decode_block(job: tuple[int, list[str], int, str, bool]
@@ -82,7 +83,7 @@ def _cache_rows(out: Path, ids: np.ndarray, size: int, decoder: str) -> np.ndarr
 def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int = IMAGE_SIZE,
                       decoder: str = "opencv", workers: int | None = None,
                       overwrite: bool = False, progress: bool = True,
-                      skip_bad: bool = False) -> Path:
+                      skip_bad: bool = False, join: str = "virtual") -> Path:
     """Decode every image of ``dataset`` into ``out`` (resuming a partial build).
 
     Args:
@@ -92,9 +93,39 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
             image of ``dataset`` (and more: images removed since) is resumed.
         skip_bad: record unreadable images (attribute ``skipped``: ``{image_id: why}``)
             instead of stopping at the first; reading them from the cache is refused.
+        join: under ``torchrun``, how rank 0 joins the ranks' shards into ``out``:
+            ``virtual`` (an HDF5 virtual dataset over the shards, which stay beside it)
+            or ``copy`` (one self-contained file); see :mod:`cxrembed.data.cache_shards`.
     Returns the cache path. Rows already done in an earlier, interrupted build are kept.
+
+    Under ``torchrun`` every process calls this with the same arguments: each decodes
+    its contiguous share of the rows into a shard, and rank 0 joins them into ``out``.
     """
+    from cxrembed.distributed import launch
+
     out = Path(out)
+    _check_dataset(dataset)
+    if join not in JOINS:
+        raise DataError(f"unknown --join {join!r}; expected one of {', '.join(JOINS)}")
+    here = launch()
+    if here.distributed:
+        from cxrembed.data.cache_shards import build_cache_shards
+
+        return build_cache_shards(dataset, out, here, size=size, decoder=decoder,
+                                  workers=workers, overwrite=overwrite, progress=progress,
+                                  skip_bad=skip_bad, join=join)
+    from cxrembed import sharding
+
+    if overwrite:
+        sharding.remove_all_shards(out)  # a joined cache's shards go with it
+    elif not _is_complete(out):
+        sharding.refuse_other_world_shards(out, 1, what="pixel cache", resume="",
+                                           error=DataError)
+    return build_one_cache(dataset, out, size=size, decoder=decoder, workers=workers,
+                           overwrite=overwrite, progress=progress, skip_bad=skip_bad)
+
+
+def _check_dataset(dataset: NIHDataset) -> None:
     if len(dataset) == 0:
         raise DataError(f"no image to cache: none of the images that the metadata of "
                         f"{dataset.root} names (and the --view chosen keeps) is on disk "
@@ -104,6 +135,22 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
         absent = dataset.image_id[~dataset.present]
         raise DataError(f"{len(absent)} images of the dataset are not on disk (first: "
                         f"{', '.join(absent[:5])}); load it with --allow-missing to cache the rest")
+
+
+def _is_complete(out: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(out, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except OSError:  # absent, or not a cache: build_one_cache says which
+        return False
+
+
+def build_one_cache(dataset: NIHDataset, out: Path, *, size: int, decoder: str,
+                    workers: int | None, overwrite: bool, progress: bool,
+                    skip_bad: bool) -> Path:
+    """:func:`build_pixel_cache` in this process alone (also one rank's shard)."""
     n = len(dataset)
     ids = dataset.image_id.astype(str)
     rows = None if overwrite or not out.exists() else _cache_rows(out, ids, size, decoder)
@@ -157,17 +204,24 @@ def _create_file(path: Path, ids: np.ndarray, size: int, decoder: str) -> None:
     import h5py
 
     with h5py.File(path, "w") as f:
-        _create(f, ids, size, decoder)
+        create_cache(f, ids, size, decoder)
 
 
-def _create(f, ids: np.ndarray, size: int, decoder: str) -> None:
+def create_rows(f, ids: np.ndarray, size: int, decoder: str) -> None:
+    """A cache's attributes, ``image_id`` and ``done`` (no pixels yet)."""
     import h5py
 
-    n = len(ids)
     f.attrs.update(format=CACHE_FORMAT, size=size, decoder=decoder,
                    preprocessing=json.dumps(PREPROCESSING), complete=False, skipped="{}")
     f.create_dataset("image_id", data=ids.astype(object), dtype=h5py.string_dtype())
-    f.create_dataset("done", shape=(n,), dtype=bool, fillvalue=False)
+    f.create_dataset("done", shape=(len(ids),), dtype=bool, fillvalue=False)
+
+
+def create_cache(f, ids: np.ndarray, size: int, decoder: str) -> None:
+    import h5py
+
+    n = len(ids)
+    create_rows(f, ids, size, decoder)
     # All of the pixels' space is taken now, while the file is still a temporary one: a
     # full disk (or file size limit) then fails here, before the cache takes its name, and
     # never leaves a file whose size its header contradicts (which h5py cannot reopen).
@@ -265,6 +319,7 @@ class PixelCache:
         if stored is not None and json.loads(stored) != PREPROCESSING:
             raise DataError(f"pixel cache {self.path} was decoded with other preprocessing "
                             f"({stored}); rebuild it with `cxrembed cache ... --overwrite`")
+        self._check_shards()
         self.image_id = self._file["image_id"].asstr()[:]
         self.size = int(self._file.attrs["size"])
         self.done = self._file["done"][:]
@@ -275,6 +330,22 @@ class PixelCache:
 
     def __len__(self) -> int:
         return len(self.image_id)
+
+    def _check_shards(self) -> None:
+        """A cache joined as a virtual dataset reads its pixels from its shards: HDF5
+        would read a missing shard's rows as zeros, silently, so a missing one is an
+        error here."""
+        pixels = self._file["pixels"]
+        if not pixels.is_virtual:
+            return
+        for source in pixels.virtual_sources():
+            shard = self.path.parent / source.file_name  # HDF5 resolves it there too
+            if not shard.is_file():
+                raise DataError(
+                    f"pixel cache {self.path} reads its pixels from its shard {shard}, which "
+                    "is not there; a cache joined by `torchrun ... cxrembed cache` keeps its "
+                    f"shards ({self.path.name}.shard-*) beside it: move them with it, or "
+                    "build the cache again with `cxrembed cache ... --overwrite`")
 
     def rows_for(self, image_ids: np.ndarray) -> np.ndarray:
         """Cache rows of the given image ids (DataError naming the first that is absent)."""
@@ -304,7 +375,10 @@ class PixelCache:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         uniq, inverse = np.unique(sorted_rows, return_inverse=True)
-        block = self._pixels[uniq]  # h5py fancy indexing wants increasing indices
+        if uniq[-1] - uniq[0] + 1 == len(uniq):  # a run of rows (encode): one slice
+            block = self._pixels[uniq[0]:uniq[-1] + 1]
+        else:
+            block = self._pixels[uniq]  # h5py fancy indexing wants increasing indices
         out = np.empty((len(rows), self.size, self.size), np.uint8)
         out[order] = block[inverse]
         return out

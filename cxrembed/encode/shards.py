@@ -7,39 +7,27 @@ written and resumed exactly as a one-process encode writes and resumes a store. 
 shard is complete its rank writes ``...shard-R-of-W.h5.done`` and is finished. Rank 0,
 once its own shard is done, waits for every marker, joins the shards into ``STORE.h5``
 (:func:`cxrembed.store.join.join_stores`), builds the index and removes the shards.
-
-Rank 0 waits by watching files, not at a collective, so a rank with more left to do
-(one resumed from an earlier, unevenly interrupted run) may take as long as it needs;
-a shard whose file has not changed for ``CXREMBED_DIST_TIMEOUT`` seconds ends the wait
-with an error naming its rank. A rank that fails ends the job: torchrun stops the others.
+The shard files, markers and the wait are :mod:`cxrembed.sharding`'s (shared with
+``cache``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from cxrembed.distributed import (Launch, broadcast_object, process_group, rank_share,
-                                  timeout)
+from cxrembed import sharding
+from cxrembed.distributed import Launch, rank_share
 from cxrembed.errors import ConfigError, StoreError
+from cxrembed.sharding import done_path, shard_path
 
 log = logging.getLogger(__name__)
 
 #: True while encode_dataset runs for one shard (it must not shard again).
 IN_SHARD: ContextVar[bool] = ContextVar("cxrembed_in_shard", default=False)
-POLL_SECONDS = 0.5
-
-
-def shard_path(out: Path, rank: int, world_size: int) -> Path:
-    return out.with_name(f"{out.name}.shard-{rank}-of-{world_size}.h5")
-
-
-def done_path(shard: Path) -> Path:
-    return shard.with_name(shard.name + ".done")
 
 
 def encode_shards(options: dict[str, Any], here: Launch) -> Any:
@@ -60,22 +48,15 @@ def encode_shards(options: dict[str, Any], here: Launch) -> Any:
     start, stop = rank_share(len(rows), here.world_size, here.rank, batch_size)
     shard = shard_path(out, here.rank, here.world_size)
     marker = done_path(shard)
-    with process_group("cpu"):  # gloo, for the start only: no stale marker outlives it
-        marker.unlink(missing_ok=True)
-        joined = None
-        if here.main:
-            # A refusal is broadcast, so that every rank ends with it (none waits).
-            try:
-                if options["overwrite"]:
-                    _remove_joined(out)
-                else:
-                    _refuse_other_world_shards(out, here.world_size)
-                joined = _joined_state(out)
-            except StoreError as exc:
-                joined = {"refused": str(exc)}
-        joined = broadcast_object(joined)
-    if isinstance(joined, dict):
-        raise StoreError(joined["refused"])
+
+    def check() -> str | None:  # rank 0, before any rank starts its shard
+        if options["overwrite"]:
+            _remove_joined(out)
+        else:
+            _refuse_other_world_shards(out, here.world_size)
+        return _joined_state(out)
+
+    joined = sharding.agree_on_start(here, marker, check, StoreError)
     if joined == "complete":  # rank 0 checks it (and builds a missing index), alone
         if not here.main:
             return EncodeResult(out, None, 0, 0, 0, 0.0, 0.0)
@@ -97,26 +78,20 @@ def encode_shards(options: dict[str, Any], here: Launch) -> Any:
                                   here)
         finally:
             IN_SHARD.reset(token)
-    _write_marker(marker, here, stop - start, result if stop > start else None)
+    sharding.write_marker(marker, here, stop - start,
+                          result.to_dict() if stop > start else None)
     if not here.main:
         result.shard = str(shard) if stop > start else None
         return result
-    shards = wait_for_shards(out, here.world_size)
+    shards = sharding.wait_for_shards(out, here.world_size, StoreError)
     return _join_and_index(options, out, shards, encoder.fingerprint, began)
 
 
 def _refuse_other_world_shards(out: Path, world_size: int) -> None:
     """Shards left by a sharded encode with another number of processes cover other rows:
     they can only be continued by that number, or removed (--overwrite)."""
-    other = sorted(p for p in out.parent.glob(f"{out.name}.shard-*-of-*.h5")
-                   if not p.name.endswith(f"-of-{world_size}.h5"))
-    if other:
-        worlds = sorted({p.name.rsplit("-of-", 1)[1][:-3] for p in other})
-        raise StoreError(
-            f"{len(other)} shard(s) of an earlier encode into {out} with "
-            f"{' or '.join(worlds)} processes are there (first: {other[0]}); continue it "
-            f"with --nproc_per_node {worlds[0]} --resume, or pass --overwrite to start over "
-            f"with {world_size}")
+    sharding.refuse_other_world_shards(out, world_size, what="encode", resume=" --resume",
+                                       error=StoreError)
 
 
 def _joined_state(out: Path) -> str | None:
@@ -162,39 +137,6 @@ def _encode_part(options: dict, part: Any, shard: Path, encoder: Any, here: Laun
         skip_bad=options["skip_bad"])
 
 
-def _write_marker(marker: Path, here: Launch, rows: int, result: Any) -> None:
-    from cxrembed.files import atomic_write_text
-
-    atomic_write_text(marker, json.dumps({
-        "rank": here.rank, "world_size": here.world_size, "rows": rows,
-        "result": result.to_dict() if result is not None else None}))
-
-
-def wait_for_shards(out: Path, world_size: int) -> list[dict]:
-    """Every rank's marker, once all are there (rank order). StoreError naming the rank
-    whose shard file has not changed for the collective timeout."""
-    stall = timeout().total_seconds()
-    markers = [done_path(shard_path(out, r, world_size)) for r in range(world_size)]
-    last_seen: dict[int, tuple] = {}
-    changed: dict[int, float] = {}
-    while True:
-        waiting = [r for r, m in enumerate(markers) if not m.exists()]
-        if not waiting:
-            return [json.loads(m.read_text(encoding="utf-8")) for m in markers]
-        now = time.monotonic()
-        for r in waiting:
-            shard = shard_path(out, r, world_size)
-            seen = (shard.stat().st_mtime_ns, shard.stat().st_size) if shard.exists() else None
-            if r not in changed or last_seen.get(r) != seen:
-                last_seen[r], changed[r] = seen, now
-            elif now - changed[r] > stall:
-                raise StoreError(
-                    f"rank {r} of {world_size}: its shard {shard} has not changed for "
-                    f"{stall:.0f} s; is that process alive? (CXREMBED_DIST_TIMEOUT sets "
-                    "how long to wait)")
-        time.sleep(POLL_SECONDS)
-
-
 def _join_and_index(options: dict, out: Path, shards: list[dict], fingerprint: dict,
                     began: float) -> Any:
     """Join the shards into ``out`` (finished as any store is), build the index, remove
@@ -211,7 +153,7 @@ def _join_and_index(options: dict, out: Path, shards: list[dict], fingerprint: d
     join_seconds = time.perf_counter() - join_began
     for r in range(world):
         shard_path(out, r, world).unlink(missing_ok=True)
-        done_path(shard_path(out, r, world)).unlink(missing_ok=True)
+    sharding.remove_markers(out, world)
     log.info("joined %d shards into %s in %.1f s", len(parts), out, join_seconds)
     built = _build_index(out, options["index"], options["progress"], options["centre"])
     seconds = time.perf_counter() - began
@@ -259,6 +201,4 @@ def _remove_joined(out: Path) -> None:
     from cxrembed.encode.output import remove_store_files
 
     remove_store_files(out)
-    for stale in out.parent.glob(f"{out.name}.shard-*-of-*.h5*"):
-        stale.unlink(missing_ok=True)
-    out.with_name(out.name + ".joining").unlink(missing_ok=True)
+    sharding.remove_all_shards(out)

@@ -1,0 +1,124 @@
+"""The files of a sharded ``torchrun`` job (``encode``, ``cache``): one shard per rank,
+a ``.done`` marker once it is finished, rank 0 waiting for every marker.
+
+A command run as rank R of W writes its contiguous share of the rows into
+``OUT.shard-R-of-W.h5`` (an ordinary file of the command's own schema, resumed as the
+command resumes it) and then the marker ``OUT.shard-R-of-W.h5.done`` (JSON: rank,
+world size, rows, the rank's result). Rank 0, once its own shard is done, waits for every
+marker and joins the shards into ``OUT``.
+
+Rank 0 waits by watching files, not at a collective, so a rank with more left to do
+(one resumed from an earlier, unevenly interrupted run) may take as long as it needs;
+a shard whose file has not changed for ``CXREMBED_DIST_TIMEOUT`` seconds ends the wait
+with an error naming its rank. A rank that fails ends the job: torchrun stops the others.
+Shards of a run with another number of processes cover other rows, so they are refused
+(:func:`refuse_other_world_shards`) rather than silently started over beside.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cxrembed.distributed import Launch, broadcast_object, process_group, timeout
+from cxrembed.errors import CxrembedError
+
+POLL_SECONDS = 0.5
+
+
+def shard_path(out: Path, rank: int, world_size: int) -> Path:
+    return out.with_name(f"{out.name}.shard-{rank}-of-{world_size}.h5")
+
+
+def done_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".done")
+
+
+def all_shards(out: Path) -> list[Path]:
+    """Every shard file of ``out`` (any world size; not the markers), sorted."""
+    return sorted(out.parent.glob(f"{out.name}.shard-*-of-*.h5"))
+
+
+def refuse_other_world_shards(out: Path, world_size: int, *, what: str,
+                              resume: str, error: type[CxrembedError]) -> None:
+    """``error`` when shards of ``out`` made by another number of processes are there:
+    they can only be continued by that number (``resume``: the flag that does it, e.g.
+    ``" --resume"``), or removed (``--overwrite``)."""
+    other = [p for p in all_shards(out) if not p.name.endswith(f"-of-{world_size}.h5")]
+    if other:
+        worlds = sorted({p.name.rsplit("-of-", 1)[1][:-3] for p in other}, key=int)
+        raise error(
+            f"{len(other)} shard(s) of an earlier {what} into {out} with "
+            f"{' or '.join(worlds)} processes are there (first: {other[0]}); continue it "
+            f"with --nproc_per_node {worlds[0]}{resume}, or pass --overwrite to start over "
+            f"with {world_size}")
+
+
+def agree_on_start(here: Launch, marker: Path, check: Callable[[], Any],
+                   error: type[CxrembedError]) -> Any:
+    """Rank 0's ``check()`` on every rank, after each rank removed its stale ``marker``.
+
+    ``check`` runs on rank 0 alone (it may remove files); an ``error`` it raises is
+    broadcast and raised on every rank, so that none is left waiting. The process group
+    (gloo) lives for this step only: a marker of an earlier run cannot outlive it.
+    """
+    with process_group("cpu"):
+        marker.unlink(missing_ok=True)
+        state = None
+        if here.main:
+            try:
+                state = {"state": check()}
+            except error as exc:
+                state = {"refused": str(exc)}
+        state = broadcast_object(state)
+    if "refused" in state:
+        raise error(state["refused"])
+    return state["state"]
+
+
+def write_marker(marker: Path, here: Launch, rows: int, result: dict | None) -> None:
+    from cxrembed.files import atomic_write_text
+
+    atomic_write_text(marker, json.dumps({
+        "rank": here.rank, "world_size": here.world_size, "rows": rows, "result": result}))
+
+
+def wait_for_shards(out: Path, world_size: int,
+                    error: type[CxrembedError] = CxrembedError) -> list[dict]:
+    """Every rank's marker, once all are there (rank order). ``error`` naming the rank
+    whose shard file has not changed for the collective timeout."""
+    stall = timeout().total_seconds()
+    markers = [done_path(shard_path(out, r, world_size)) for r in range(world_size)]
+    last_seen: dict[int, tuple | None] = {}
+    changed: dict[int, float] = {}
+    while True:
+        waiting = [r for r, m in enumerate(markers) if not m.exists()]
+        if not waiting:
+            return [json.loads(m.read_text(encoding="utf-8")) for m in markers]
+        now = time.monotonic()
+        for r in waiting:
+            shard = shard_path(out, r, world_size)
+            seen = (shard.stat().st_mtime_ns, shard.stat().st_size) if shard.exists() else None
+            if r not in changed or last_seen.get(r) != seen:
+                last_seen[r], changed[r] = seen, now
+            elif now - changed[r] > stall:
+                raise error(
+                    f"rank {r} of {world_size}: its shard {shard} has not changed for "
+                    f"{stall:.0f} s; is that process alive? (CXREMBED_DIST_TIMEOUT sets "
+                    "how long to wait)")
+        time.sleep(POLL_SECONDS)
+
+
+def remove_markers(out: Path, world_size: int) -> None:
+    for r in range(world_size):
+        done_path(shard_path(out, r, world_size)).unlink(missing_ok=True)
+
+
+def remove_all_shards(out: Path) -> None:
+    """Every shard and marker of ``out`` (any world size), and a half-written join."""
+    for stale in out.parent.glob(f"{out.name}.shard-*-of-*.h5*"):
+        stale.unlink(missing_ok=True)
+    out.with_name(out.name + ".joining").unlink(missing_ok=True)

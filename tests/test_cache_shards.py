@@ -1,0 +1,151 @@
+"""torchrun: a pixel cache decoded by 2 gloo processes, one shard each, joined by rank 0,
+holds the bytes of a one-process cache; a rank killed mid-way resumes its own shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cxrembed.data import load_nih
+from cxrembed.data.cache import PixelCache, build_one_cache, build_pixel_cache
+from cxrembed.data.cache_shards import join_caches
+from cxrembed.distributed import rank_share
+from cxrembed.errors import DataError
+
+#: rank 1 of a torchrun job dies by SIGKILL right after committing its third block
+KILL_RANK_1 = textwrap.dedent("""
+    import os, signal, sys
+    import cxrembed.data.cache as cache
+    from cxrembed.data import load_nih
+
+    cache.BLOCK = 16
+    if os.environ["RANK"] == "1":
+        commit, blocks = cache._commit_block, []
+
+        def commit_then_die(*args):
+            commit(*args)
+            blocks.append(1)
+            if len(blocks) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        cache._commit_block = commit_then_die
+    cache.build_pixel_cache(load_nih(sys.argv[1]), sys.argv[2], workers=0, progress=False,
+                            skip_bad=True)
+""")
+
+
+def torchrun(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 ARGS`` (a script, or ``-m cxrembed ...``)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def cache_bytes(path: Path) -> dict:
+    """What a reader of the cache gets: pixels, ids, done flags, skipped images."""
+    with h5py.File(path, "r") as f:
+        return {"pixels": f["pixels"][:], "image_id": f["image_id"].asstr()[:],
+                "done": f["done"][:], "skipped": json.loads(f.attrs["skipped"]),
+                "complete": bool(f.attrs["complete"]), "size": int(f.attrs["size"])}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    x, y = cache_bytes(a), cache_bytes(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        if isinstance(x[key], np.ndarray):
+            assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), key
+        else:
+            assert x[key] == y[key], key
+
+
+@pytest.fixture
+def data_with_a_bad_image(twin, tmp_path) -> tuple[Path, str]:
+    """The twin with one unreadable image, in rank 0's share of 2."""
+    root = tmp_path / "nih"
+    shutil.copytree(twin, root)
+    dataset = load_nih(root)
+    Path(dataset.path[50]).write_bytes(b"not a png")
+    return root, str(dataset.image_id[50])
+
+
+def test_shards_joined_either_way_read_as_one_cache(data_with_a_bad_image, tmp_path):
+    """Shards of consecutive rows, joined as a virtual dataset or by copy, read as the
+    one-process cache does; a virtual cache whose shard is gone is refused, naming it."""
+    root, bad = data_with_a_bad_image
+    dataset = load_nih(root).subset(np.arange(60))
+    one = build_pixel_cache(dataset, tmp_path / "one.h5", workers=0, progress=False,
+                            skip_bad=True)
+    parts = []
+    for rank in range(3):
+        start, stop = rank_share(len(dataset), 3, rank)
+        parts.append(tmp_path / f"px.h5.shard-{rank}-of-3.h5")
+        build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
+                        decoder="opencv", workers=0, overwrite=False, progress=False,
+                        skip_bad=True)
+    for how in ("virtual", "copy"):
+        joined = join_caches(tmp_path / f"{how}.h5", parts, how)
+        assert_same_cache(joined, one)
+        cache = PixelCache(joined)
+        rows = np.array([59, 3, 21, 20, 3])  # across shards, unordered, repeated
+        assert np.array_equal(cache.read(rows), PixelCache(one).read(rows))
+        assert np.array_equal(cache.read(np.arange(18, 44)), PixelCache(one).read(
+            np.arange(18, 44)))
+        assert cache.skipped.keys() == {bad}
+        cache.close()
+    with h5py.File(tmp_path / "virtual.h5", "r") as f:
+        assert f["pixels"].is_virtual
+    with h5py.File(tmp_path / "copy.h5", "r") as f:
+        assert not f["pixels"].is_virtual
+    parts[1].rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(DataError, match=r"shard .*px\.h5\.shard-1-of-3\.h5, which is not there"):
+        PixelCache(tmp_path / "virtual.h5")
+    assert len(PixelCache(tmp_path / "copy.h5")) == 60  # self-contained
+
+
+@pytest.mark.slow
+def test_two_ranks_cache_as_one_process_and_a_killed_rank_resumes(data_with_a_bad_image,
+                                                                    tmp_path):
+    """Rank 1 is killed (SIGKILL) after 3 blocks of its share: the job fails, its shard
+    keeps those rows, and a one-process build refuses to start over beside the 2-process
+    shards. The torchrun command run again resumes rank 1's shard where it stopped, and
+    rank 0 joins a cache holding the one-process cache's pixels, ids and skipped image."""
+    root, bad = data_with_a_bad_image
+    dataset = load_nih(root)
+    reference = build_pixel_cache(dataset, tmp_path / "one.h5", workers=0, progress=False,
+                                  skip_bad=True)
+    out = tmp_path / "two" / "px.h5"
+    out.parent.mkdir()
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+
+    killed = torchrun(script, root, out)
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert not out.exists()
+    shard = out.with_name("px.h5.shard-1-of-2.h5")
+    with h5py.File(shard, "r") as f:  # a kill -9 mid-way: 3 blocks of 16 rows kept
+        assert not f.attrs["complete"] and f["done"][:].sum() == 48
+    with pytest.raises(DataError, match=r"with 2 processes .*--nproc_per_node 2, or pass "
+                                        r"--overwrite"):
+        build_pixel_cache(dataset, out, workers=0, progress=False, skip_bad=True)
+
+    done = torchrun("-m", "cxrembed", "-v", "cache", root, "--out", out, "--workers=0",
+                    "--skip-bad", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    start, stop = rank_share(len(dataset), 2, 1)
+    assert f"resuming: 48 of {stop - start} rows already cached" in " ".join(output.split())
+    assert f"skipped {bad}" in output and "cached 240 images" in output
+    assert_same_cache(out, reference)
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "px.h5", "px.h5.shard-0-of-2.h5", "px.h5.shard-1-of-2.h5"]  # markers removed
