@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from cxrembed.data.images import IMAGE_SIZE, PREPROCESSING, decode
+from cxrembed.data.decode_pool import decode_pool as _pool
 from cxrembed.data.nih import NIHDataset
 from cxrembed.errors import DataError
 from cxrembed.files import atomic_write, check_space, disk_full_error, is_disk_full
@@ -250,42 +250,6 @@ def _attr(path: Path, name: str):
 
     with h5py.File(path, "r") as f:
         return f.attrs.get(name)
-
-
-class _InProcess:
-    """A stand-in for a process pool when workers=0 (debugging, tiny datasets)."""
-
-    map = staticmethod(map)
-
-    def __enter__(self) -> "_InProcess":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _die_with_parent() -> None:
-    """Worker initializer: on Linux, end this worker when the parent dies (even by kill -9),
-    instead of leaving an orphan behind."""
-    import ctypes
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-def _pool(workers: int):
-    if workers == 0:
-        return _InProcess()
-    # The platform's default start method: workers need only numpy + OpenCV, and (unlike
-    # spawn) a user's script without an `if __name__ == "__main__"` guard still works.
-    pool = ProcessPoolExecutor(workers, initializer=_die_with_parent)
-    list(pool.map(abs, range(workers)))  # start every worker now (fork starts them all)
-    return pool
 
 
 def _contiguous(rows: np.ndarray) -> bool:

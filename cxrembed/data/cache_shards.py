@@ -12,16 +12,20 @@ pixels, ids and skipped images are those of a one-process cache, byte for byte.
 The join is an HDF5 virtual dataset by default (``--join virtual``): ``PIXELS.h5`` holds
 the ids, the done flags and the attributes, and its ``pixels`` map onto the shards'
 (named relative to its folder, so the folder can move as a whole). Measured by
-``benchmarks/bench_cache_join.py`` (benchmarks/RESULTS.md, "cache join"): joining 10,000
-224 px rows took 0.05 s against 4.6 s for a copy (which is one more sequential pass over
-all the pixels, on rank 0 alone, and needs the cache's whole size again on disk while it
-runs: 502 GB more for 10M images), and random batches read from the virtual dataset at
-the copy's rate. A copy, unlike the store's join (:mod:`cxrembed.store.join`: ~11 GB at
-10M rows, appended to, moved around), would here cost as much wall time as the spread-out
-decoding it follows. The price: the shards are the data and must stay beside the cache;
-:class:`~cxrembed.data.cache.PixelCache` refuses a cache whose shard is missing (HDF5
-itself would read zeros). ``--join copy`` writes one self-contained file instead, and
-removes the shards.
+``benchmarks/bench_cache_join.py`` (benchmarks/RESULTS.md, "cache join"; 10,000 rows of
+224 px in 4 shards, a loaded 2-core machine): the virtual join took 0.15 s (0.03 s of CPU),
+the copy 3.53 s (0.68 s of CPU; the rest is writing 479 MiB), and PixelCache read the two
+at rates within the run's noise (consecutive batches of 512 as encode reads them, random
+batches of 256 as adapt does: within ~10% of CPU time per image). Scaled to 10M images the
+copy is one more pass over 502 GB, on rank 0 alone, while every other node waits, and it
+needs those 502 GB free beside the shards until they are removed: about as long as the
+decoding it follows once that is spread over a few hundred cores (docs/scaling.md). So
+the cache, unlike the store (:mod:`cxrembed.store.join`: ~11 GB at 10M rows, appended to
+and moved around), joins virtually. The price: the shards are the data and must stay
+beside the cache; :class:`~cxrembed.data.cache.PixelCache` refuses a cache whose shard is
+missing (HDF5 itself would read its rows as zeros). ``--join copy`` writes one
+self-contained file instead and removes the shards (e.g. before copying the cache to
+each node's local disk).
 """
 
 from __future__ import annotations
