@@ -39,6 +39,9 @@ import numpy as np
 _FLOAT32_EXACT = 2**24
 #: weightings per product: the (rows x block) float32 result stays about 16 MB
 _BLOCK_ELEMENTS = 2**22
+#: up to this many classes, per-class sums in a Python loop (einsum: no float64 copy of
+#: the products); beyond it (a head's val selection scores hundreds), one sparse product
+_LOOP_CLASSES = 32
 
 
 def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np.ndarray,
@@ -66,6 +69,9 @@ def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np
     exact32 = float((ranks.negatives_per_patient @ w).max(initial=0)) < _FLOAT32_EXACT
     u, total_pos, total_neg = (np.zeros((n_classes, n_w)) for _ in range(3))
     segments = list(zip(starts, ends + 1))
+    by_class = sp.csr_matrix((np.ones(rows), np.arange(rows), np.append(starts, rows)),
+                             shape=(n_classes, rows))  # sums each class's rows
+    by_class32 = by_class.astype(np.float32)  # whole numbers: exact
     block = int(max(16, min(n_w, _BLOCK_ELEMENTS // a.shape[0])))
     for lo in range(0, n_w, block):
         cols = slice(lo, min(lo + block, n_w))
@@ -76,11 +82,13 @@ def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np
         before = np.zeros((n_classes, below_w.shape[1]))
         before[1:] = below_w[starts[1:] - 1]
         total_neg[:, cols] = below_w[ends] - before
-        # per class (numpy's reduceat down the rows is several times slower)
-        for c, (first, stop) in enumerate(segments):
-            total_pos[c, cols] = pos_w[first:stop].sum(axis=0)
-            u[c, cols] = np.einsum("kb,kb->b", pos_w[first:stop], below_w[first:stop],
-                                   dtype=np.float64)
+        total_pos[:, cols] = by_class32 @ pos_w
+        if n_classes <= _LOOP_CLASSES:  # numpy's reduceat down the rows is several x slower
+            for c, (first, stop) in enumerate(segments):
+                u[c, cols] = np.einsum("kb,kb->b", pos_w[first:stop], below_w[first:stop],
+                                       dtype=np.float64)
+        else:
+            u[:, cols] = by_class @ np.multiply(pos_w, below_w, dtype=np.float64)
         u[:, cols] -= before * total_pos[:, cols]
         if len(ranks.tie_row):  # a tied negative counts one half for its own group
             tied = np.multiply(pos_w[ranks.tie_row], tie_w, dtype=np.float64)

@@ -80,6 +80,51 @@ def test_knn_equals_numpy_brute_force_weighted_vote():
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def knn_reference(sims: np.ndarray, labels: np.ndarray, k: int, temperature: float,
+                  known: np.ndarray | None = None) -> np.ndarray:
+    """Exact kNN vote spelled out row by row: a full stable sort (ties: earliest shot),
+    softmax over the k, the share of (known) neighbours positive."""
+    known = np.ones(labels.shape, bool) if known is None else known
+    out = np.empty((len(sims), labels.shape[1]))
+    for i, row in enumerate(sims.astype(np.float64)):
+        top = np.argsort(-row, kind="stable")[:k]
+        w = np.exp((row[top] - row[top].max()) / temperature)[:, None]
+        weight = (w * known[top]).sum(axis=0)
+        votes = (w * labels[top] * known[top]).sum(axis=0)
+        out[i] = np.divide(votes, weight, out=np.zeros_like(votes), where=weight > 0)
+    return out
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_knn_on_the_sweeps_similarities_equals_the_reference_with_ties(masked):
+    """The sweep hands knn the query-shot cosines: the k nearest found from them, ties at
+    the k-th similarity included (earliest shots kept), agree with a full sort; a query
+    whose neighbours all carry (or all lack) a class scores exactly 1 (or 0)."""
+    from cxrembed.heads.knn import top_k
+
+    rng = np.random.default_rng(7)
+    shots, n, k = 40, 300, 6
+    labels = (rng.random((shots, 14)) < 0.4).astype(np.uint8)
+    labels[:, 0] = 1  # every neighbour positive: exactly 1
+    labels[:, 1] = 0  # none: exactly 0
+    known = rng.random((shots, 14)) > 0.3 if masked else None
+    sims = np.round(rng.uniform(-1, 1, (n, shots)), 1).astype(np.float32)  # many ties
+    sims[:5] = 0.5  # every shot tied
+    values, columns = top_k(sims, k)
+    for i in range(n):
+        expected = np.sort(np.argsort(-sims[i], kind="stable")[:k])
+        np.testing.assert_array_equal(columns[i], expected)
+        np.testing.assert_array_equal(values[i], sims[i, expected])
+    head = make_head("knn", k=k, temperature=0.05).fit(
+        rng.normal(size=(shots, DIM)).astype(np.float32), labels, known=known)
+    got = head.predict(None, similarity=sims)
+    expected = knn_reference(sims, labels, k, 0.05, known)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert set(np.unique(got[:, 0])) <= {0.0, 1.0} and (got[:, 1] == 0.0).all()
+    if not masked:
+        assert (got[:, 0] == 1.0).all()
+
+
 def test_knn_with_fewer_shots_than_k_uses_all():
     head = make_head("knn", k=50).fit(np.eye(5, DIM, dtype=np.float32), np.eye(5, 14))
     assert head.selected["k"] == 5

@@ -264,7 +264,10 @@ def random_problem(rng: np.random.Generator):
     return y, scores, known, pid, weights
 
 
-@pytest.mark.parametrize("path", ["default", "float64 sums", "many blocks"])
+KERNEL_PATHS = ["default", "float64 sums", "many blocks", "many classes"]
+
+
+@pytest.mark.parametrize("path", KERNEL_PATHS)
 def test_kernel_equals_the_pairwise_definition(path, monkeypatch):
     from cxrembed import mannwhitney
 
@@ -272,7 +275,9 @@ def test_kernel_equals_the_pairwise_definition(path, monkeypatch):
         monkeypatch.setattr(mannwhitney, "_FLOAT32_EXACT", 0)
     if path == "many blocks":  # weightings taken 16 at a time
         monkeypatch.setattr(mannwhitney, "_BLOCK_ELEMENTS", 1)
-    rng = np.random.default_rng(["default", "float64 sums", "many blocks"].index(path))
+    if path == "many classes":  # class sums as one sparse product (val selection's case)
+        monkeypatch.setattr(mannwhitney, "_LOOP_CLASSES", 0)
+    rng = np.random.default_rng(KERNEL_PATHS.index(path))
     checked = undefined = 0
     for _ in range(60):
         y, scores, known, pid, weights = random_problem(rng)

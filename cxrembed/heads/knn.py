@@ -25,17 +25,63 @@ class KNNConfig:
 
 
 
-def weighted_vote(similarity: np.ndarray, neighbours: np.ndarray, labels: np.ndarray,
-                  temperature: float) -> np.ndarray:
-    """Scores ``(n, C)``: shares of the neighbours ``(n, k)`` (rows of ``labels``) positive
-    for each class, weighted by ``softmax(similarity / temperature)`` over the k."""
+def top_k(similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest similarities of each row and their columns ``(n, k)``, columns in
+    increasing order. Of shots tied at the k-th value, the earliest are taken.
+
+    ``np.partition`` finds each row's k-th value (several times faster than
+    ``np.argpartition`` on float32 rows); the shots at or above it are read off in column
+    order, so the vote below adds them in an order that does not depend on the selection
+    algorithm."""
+    n, shots = similarity.shape
+    if k >= shots:
+        return similarity, np.broadcast_to(np.arange(shots), similarity.shape)
+    similarity = np.ascontiguousarray(similarity)
+    kth = np.partition(similarity, shots - k, axis=1)[:, shots - k]
+    chosen = similarity >= kth[:, None]
+    tied = np.flatnonzero(np.count_nonzero(chosen, axis=1) != k)
+    if len(tied):  # more than k at or above the k-th value: keep the earliest tied shots
+        first = np.argsort(-similarity[tied], axis=1, kind="stable")[:, :k]
+        chosen[tied] = False
+        chosen[tied[:, None], first] = True
+    flat = np.flatnonzero(chosen)  # row by row, k each, columns in order
+    return similarity.ravel()[flat].reshape(n, k), (flat % shots).reshape(n, k)
+
+
+def vote_sums(similarity: np.ndarray, neighbours: np.ndarray, columns: np.ndarray,
+              temperature: float) -> np.ndarray:
+    """``(n, m)``: per query, the neighbours' rows of ``columns`` (shots x m) summed with
+    weights ``exp((similarity - max) / temperature)``: one sparse (queries x shots, k per
+    row) by dense product, each row's neighbours added in the order given."""
+    import scipy.sparse as sp
+
     sim = similarity.astype(np.float64)
     w = np.exp((sim - sim.max(axis=1, keepdims=True)) / temperature)
-    w /= w.sum(axis=1, keepdims=True)
-    out = np.zeros((len(neighbours), labels.shape[1]))
-    for j in range(neighbours.shape[1]):  # k passes over (n, C): no (n, k, C) temporary
-        out += w[:, j:j + 1] * labels[neighbours[:, j]]
-    return out
+    n, k = neighbours.shape
+    vote = sp.csr_matrix((w.ravel(), np.ascontiguousarray(neighbours).ravel(),
+                          np.arange(0, n * k + 1, k)), shape=(n, len(columns)))
+    return vote @ np.asarray(columns, dtype=np.float64)
+
+
+def weighted_vote(similarity: np.ndarray, neighbours: np.ndarray, labels: np.ndarray,
+                  temperature: float, known: np.ndarray | None = None) -> np.ndarray:
+    """Scores ``(n, C)``: shares of the neighbours ``(n, k)`` (rows of ``labels``) positive
+    for each class, weighted by ``softmax(similarity / temperature)`` over the k; with
+    ``known`` (shots x C), of the neighbours whose label is known (0 where none is).
+
+    The weights' total is summed by the same product as the votes and divided out at the
+    end, so a query whose (known) neighbours all carry a class scores exactly 1, and
+    exactly 0 when none does: equal votes stay exact ties for the AUC."""
+    labels = np.asarray(labels, dtype=np.float64)
+    n_classes = labels.shape[1]
+    if known is None:
+        sums = vote_sums(similarity, neighbours, np.hstack([labels, np.ones((len(labels), 1))]),
+                         temperature)
+        return sums[:, :n_classes] / sums[:, n_classes:]
+    known = np.asarray(known, dtype=np.float64)
+    sums = vote_sums(similarity, neighbours, np.hstack([labels * known, known]), temperature)
+    votes, weight = sums[:, :n_classes], sums[:, n_classes:]
+    return np.divide(votes, weight, out=np.zeros_like(votes), where=weight > 0)
 
 
 @register_head("knn")
@@ -84,21 +130,15 @@ class KNNHead:
             if similarity.shape[1] != self._index.ntotal:
                 raise ConfigError(f"knn head: similarities to {similarity.shape[1]} shots "
                                   f"given, fitted on {self._index.ntotal}")
-            if k == similarity.shape[1]:
-                return similarity, np.broadcast_to(np.arange(k), similarity.shape)
-            idx = np.argpartition(similarity, -k, axis=1)[:, -k:]
-            return np.take_along_axis(similarity, idx, axis=1), idx
+            return top_k(similarity, k)
         X, _ = check_xy(X)
-        query = unit_rows(X)
-        return self._index.search(query, k)
+        sim, idx = self._index.search(unit_rows(X), k)
+        order = np.argsort(idx, axis=1)  # column order, as top_k gives them
+        return np.take_along_axis(sim, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
     def predict(self, X: Any, similarity: np.ndarray | None = None) -> np.ndarray:
         """``(n, 14)`` weighted share of neighbours positive for each class (``similarity``:
         see :meth:`neighbours`)."""
         sim, idx = self.neighbours(X, similarity)
-        if getattr(self, "_known", None) is None:
-            return weighted_vote(sim, idx, self._labels, self.config.temperature)
-        known = self._known.astype(np.float64)
-        votes = weighted_vote(sim, idx, self._labels * known, self.config.temperature)
-        weight = weighted_vote(sim, idx, known, self.config.temperature)
-        return np.divide(votes, weight, out=np.zeros_like(votes), where=weight > 0)
+        return weighted_vote(sim, idx, self._labels, self.config.temperature,
+                             getattr(self, "_known", None))
