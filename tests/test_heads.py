@@ -271,28 +271,36 @@ def test_batched_mlp_training_equals_each_seed_trained_alone(data):
 
 
 def test_stacked_adamw_is_torchs_adamw_per_member():
-    """Three members stepped in changing subsets equal three torch.optim.AdamW optimisers
-    that step only when their member has a batch."""
+    """Three members stepped in changing subsets, and reordered in their slots midway (as
+    the trainer does when a member stops), equal three torch.optim.AdamW optimisers that
+    step only when their member has a batch."""
     torch = pytest.importorskip("torch")
-    from cxrembed.heads.mlp import MLPConfig, _AdamW
+    from cxrembed.heads.mlp import MLPConfig
+    from cxrembed.heads.mlp_train import _AdamW
 
     config = MLPConfig(lr=1e-2, weight_decay=0.1)
     gen = torch.Generator().manual_seed(0)
     start = torch.randn(3, 4, 5, generator=gen)
-    stacked = {"w": start.clone().requires_grad_(True)}
+    stacked = {"w": start.clone()}
     ours = _AdamW(stacked, config)
     alone = [start[i].clone().requires_grad_(True) for i in range(3)]
     reference = [torch.optim.AdamW([p], lr=config.lr, betas=config.betas, eps=config.eps,
                                    weight_decay=config.weight_decay) for p in alone]
-    for members in ([0, 1, 2], [0, 2], [1], [0, 1, 2], [2]):
-        grad = torch.randn(3, 4, 5, generator=gen)
-        stacked["w"].grad = grad.clone()
-        ours.step(members)
-        for i in members:
-            alone[i].grad = grad[i].clone()
-            reference[i].step()
-    for i in range(3):
-        torch.testing.assert_close(stacked["w"][i].detach(), alone[i].detach(), rtol=0, atol=1e-6)
+    slot_member = [0, 1, 2]
+    for members in ([0, 1, 2], [0, 2], [1], "reorder", [0, 1, 2], [2], [1, 0]):
+        if members == "reorder":  # slot j takes what slot order[j] held
+            order = torch.tensor([2, 0, 1])
+            stacked = {"w": stacked["w"][order].contiguous()}
+            ours.reorder(stacked, order)
+            slot_member = [slot_member[j] for j in order.tolist()]
+            continue
+        grad = torch.randn(len(members), 4, 5, generator=gen)
+        ours.step([slot_member.index(m) for m in members], {"w": grad})
+        for g, m in zip(grad, members):
+            alone[m].grad = g.clone()
+            reference[m].step()
+    for slot, m in enumerate(slot_member):
+        torch.testing.assert_close(stacked["w"][slot], alone[m].detach(), rtol=0, atol=1e-6)
 
 
 def test_mlp_predict_many_equals_each_heads_own_forward(data):

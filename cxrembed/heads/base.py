@@ -136,6 +136,46 @@ def val_mean_aucs(Y_val: np.ndarray, candidates: list[np.ndarray]) -> np.ndarray
                         np.nan)
 
 
+def val_mean_aucs_each(labels: list[np.ndarray], scores: list[np.ndarray]) -> np.ndarray:
+    """:func:`val_mean_auc` of each ``(labels[i], scores[i])`` pair (samples of different
+    sizes, one class count), in one rank pass: the few-shot MLP checks every member's val
+    sample each epoch. Ties count one half (midranks), as in :func:`val_mean_auc`."""
+    n_classes = labels[0].shape[1]
+    longest = max(len(y) for y in labels)
+    padded = np.full((longest, len(labels) * n_classes), np.inf)  # ranked above every row
+    positive = np.zeros(padded.shape, dtype=bool)
+    rows = np.zeros(padded.shape[1])
+    for i, (y, s) in enumerate(zip(labels, scores)):
+        cols = slice(i * n_classes, (i + 1) * n_classes)
+        padded[:len(y), cols], positive[:len(y), cols], rows[cols] = s, y, len(y)
+    ranks = _midranks(padded)
+    pos = positive.sum(axis=0).astype(np.float64)
+    pairs = pos * (rows - pos)
+    u = np.where(positive, ranks, 0.0).sum(axis=0) - pos * (pos + 1) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = np.where(pairs > 0, u / np.where(pairs > 0, pairs, 1.0), np.nan)
+        auc = auc.reshape(len(labels), n_classes)
+        defined = ~np.isnan(auc)
+        return np.where(defined.any(axis=1), np.nansum(auc, axis=1) / defined.sum(axis=1),
+                        np.nan)
+
+
+def _midranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks of each column's values, ties given their mean rank."""
+    order = np.argsort(scores, axis=0, kind="stable")
+    ordered = np.take_along_axis(scores, order, axis=0)
+    index = np.arange(len(scores))[:, None]
+    starts = np.ones(ordered.shape, dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    ends = np.ones(ordered.shape, dtype=bool)
+    ends[:-1] = starts[1:]
+    first = np.maximum.accumulate(np.where(starts, index, 0), axis=0)
+    last = np.minimum.accumulate(np.where(ends, index, len(scores))[::-1], axis=0)[::-1]
+    ranks = np.empty(scores.shape)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=0)
+    return ranks
+
+
 def has_val(X_val: Any, Y_val: Any) -> bool:
     """True when a val pair is given and can score at least one class."""
     if X_val is None or Y_val is None or not len(Y_val):
