@@ -113,6 +113,44 @@ def test_shards_joined_either_way_read_as_one_cache(data_with_a_bad_image, tmp_p
     assert len(PixelCache(tmp_path / "copy.h5")) == 60  # self-contained
 
 
+def test_shards_of_another_process_count_are_refused_unless_they_are_the_cache(twin, tmp_path):
+    """Shards of a 3-process build cover other rows than 2 processes (or 1) would decode:
+    refused, naming the count to continue with; but the shards a finished (virtual) cache
+    reads from are its data, and a finished cache is left as it is. --overwrite removes
+    the cache with its shards."""
+    from cxrembed.data.cache_shards import build_cache_shards
+    from cxrembed.distributed import Launch
+
+    dataset = load_nih(twin).subset(np.arange(30))
+    out = tmp_path / "px.h5"
+    parts = []
+    for rank in range(3):
+        start, stop = rank_share(len(dataset), 3, rank)
+        parts.append(tmp_path / f"px.h5.shard-{rank}-of-3.h5")
+        build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
+                        decoder="opencv", workers=0, overwrite=False, progress=False,
+                        skip_bad=False)
+    options = dict(size=224, decoder="opencv", workers=0, overwrite=False, progress=False,
+                   skip_bad=False)
+    refused = r"3 shard\(s\) of an earlier pixel cache .* with 3 processes .* --nproc_per_node 3"
+    with pytest.raises(DataError, match=refused + r", or pass --overwrite to start over with 2"):
+        build_cache_shards(dataset, out, Launch(0, 2), **options)  # rank 0 of a torchrun job
+    with pytest.raises(DataError, match=refused):
+        build_pixel_cache(dataset, out, workers=0, progress=False)  # one process
+    assert not out.exists()
+
+    join_caches(out, parts, "virtual")
+    before = {p: p.stat().st_mtime_ns for p in [out, *parts]}
+    assert build_cache_shards(dataset, out, Launch(0, 2), **options) == out
+    assert build_pixel_cache(dataset, out, workers=0, progress=False) == out
+    assert {p: p.stat().st_mtime_ns for p in [out, *parts]} == before  # untouched
+
+    build_pixel_cache(dataset, out, workers=0, progress=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["px.h5"]
+    cache = PixelCache(out)
+    assert len(cache) == 30 and cache.done.all()
+
+
 @pytest.mark.slow
 def test_two_ranks_cache_as_one_process_and_a_killed_rank_resumes(data_with_a_bad_image,
                                                                     tmp_path):

@@ -69,7 +69,7 @@ def cache(
     split_seed: SplitSeedOpt = 7,
     allow_missing: AllowMissingOpt = False,
     workers: Annotated[Optional[int], typer.Option("--workers",
-                                                   help="Decoding processes (default: all cores).")] = None,
+                                                   help="Decoding processes (default: all cores; under torchrun, the node's cores shared by its processes).")] = None,
     decoder: Annotated[str, typer.Option("--decoder", help="opencv (fast) or pil.")] = "opencv",
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace a cache of other images.")] = False,

@@ -87,7 +87,8 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
     """Decode every image of ``dataset`` into ``out`` (resuming a partial build).
 
     Args:
-        workers: decoding processes (default: all cores; 0 decodes in this process).
+        workers: decoding processes (default: all cores; under torchrun, the cores this
+            process may use shared among the node's processes; 0 decodes in this process).
         overwrite: start again when ``out`` holds a cache of other images or settings;
             without it, such a file is refused rather than destroyed. A cache holding every
             image of ``dataset`` (and more: images removed since) is resumed.

@@ -59,6 +59,8 @@ def build_cache_shards(dataset, out: Path, here: Launch, *, size: int, decoder: 
 
     start, stop = rank_share(len(dataset), here.world_size, here.rank)
     shard = sharding.shard_path(out, here.rank, here.world_size)
+    if workers is None:  # this node's cores (as allotted, e.g. by Slurm), shared by its ranks
+        workers = max(1, len(os.sched_getaffinity(0)) // _ranks_on_this_node())
 
     def check() -> str | None:  # rank 0, before any rank starts its shard
         if overwrite:
@@ -96,6 +98,13 @@ def build_cache_shards(dataset, out: Path, here: Launch, *, size: int, decoder: 
         for part in parts:
             part.unlink(missing_ok=True)
     return out
+
+
+def _ranks_on_this_node() -> int:
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
+    except ValueError:
+        return 1
 
 
 def _joined_state(out: Path) -> str | None:
