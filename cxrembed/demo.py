@@ -128,11 +128,7 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     ``announce`` receives one line per step (the CLI prints them); the library itself
     prints nothing.
     """
-    from cxrembed.adapt import AdaptConfig, adapt
     from cxrembed.data.cache import build_pixel_cache
-    from cxrembed.encode import encode_dataset
-    from cxrembed.fewshot import evaluate_adapted_head, evaluate_zeroshot, run_fewshot
-    from cxrembed.model import load_encoder
 
     config = config or DemoConfig()
     out = Path(out)
@@ -140,20 +136,7 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     device = str(resolve_device(config.device))
     steps = _Steps(announce, _previous_step_times(out))
     started = time.perf_counter()
-
-    # 1. data
-    if config.synthetic:
-        from cxrembed.data.synth import make_twin
-
-        data = out / "nih-twin"
-        if not (data / "Data_Entry_2017.csv").exists():
-            steps.run("synthetic NIH twin",
-                      f"cxrembed synth {data} --images {config.images} --size {config.size} "
-                      f"--seed {config.seed}",
-                      lambda: make_twin(data, images=config.images, size=config.size,
-                                        seed=config.seed))
-    else:
-        data = Path(config.data)
+    data = _data_step(out, config, steps)  # 1. data (the pixel cache too)
     dataset = config.load_data(data)
     given = config.data_flags()
     data_args = f"{data} {given}" if given else str(data)
@@ -161,9 +144,45 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     steps.run("pixel cache", f"cxrembed cache {data_args} --out {pixels}",
               lambda: build_pixel_cache(dataset, pixels, progress=progress),
               reused=_complete_h5(pixels))
+    run_dir = out / "adapt"  # 2. adaptation
+    result = _adapt_step(run_dir, config, steps, dataset, data_args, pixels, device, progress)
+    # 3. encode twice: the frozen encoder and the adapted one
+    stores = _encode_steps(out, config, steps, dataset, data_args, pixels, run_dir, device,
+                           progress)
+    protocols = _eval_steps(out, steps, stores)  # 4. protocols on cached vectors
+    protocols.update(_fewshot_step(out, config, steps, stores["adapted"], progress))
+    # 5. searches and report inputs
+    searches, thumbs = steps.run("similarity search", f"cxrembed search {stores['adapted']} "
+                                 "--id <image> -k 5 --exclude-same-patient --montage ...",
+                                 lambda: _searches(stores["adapted"], dataset, out,
+                                                   config.searches, pixels))
+    (out / "thumbnails.json").write_text(json.dumps(thumbs))
+    summary = _summary(config, data, dataset, device, steps, result, protocols, searches)
+    return _write_summary_and_report(out, steps, summary, started, protocols)
 
-    # 2. adaptation (resumes a finished or interrupted run in place); the head is sized
-    #    from the dataset's label set, unknown labels masked
+
+def _data_step(out: Path, config: DemoConfig, steps: _Steps) -> Path:
+    """The data folder: ``config.data``, or a synthetic twin written into ``out``."""
+    if not config.synthetic:
+        return Path(config.data)
+    from cxrembed.data.synth import make_twin
+
+    data = out / "nih-twin"
+    if not (data / "Data_Entry_2017.csv").exists():
+        steps.run("synthetic NIH twin",
+                  f"cxrembed synth {data} --images {config.images} --size {config.size} "
+                  f"--seed {config.seed}",
+                  lambda: make_twin(data, images=config.images, size=config.size,
+                                    seed=config.seed))
+    return data
+
+
+def _adapt_step(run_dir: Path, config: DemoConfig, steps: _Steps, dataset: Any,
+                data_args: str, pixels: Path, device: str, progress: bool) -> Any:
+    """The adaptation run (resumes a finished or interrupted run in place); the head is
+    sized from the dataset's label set, unknown labels masked."""
+    from cxrembed.adapt import AdaptConfig, adapt
+
     overrides = config.adapt_overrides(device)
     # The run records the data options it was given, as `cxrembed adapt` would.
     adapt_config = AdaptConfig.from_dict({
@@ -172,7 +191,6 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
     # --val-fraction is among the data options already (data_args): not twice.
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items()
                      if k != "val_fraction")
-    run_dir = out / "adapt"
     result = steps.run("domain adaptation", f"cxrembed adapt {data_args} --out {run_dir} "
                        f"--pixel-cache {pixels} {flags}",
                        lambda: adapt(dataset, run_dir, adapt_config, pixel_cache=pixels,
@@ -181,8 +199,16 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
                        reused=(run_dir / "summary.json").is_file())
     if result.stop_reason:
         steps.announce(f"    adaptation {result.stop_reason}")
+    return result
 
-    # 3. encode twice: the frozen encoder and the adapted one
+
+def _encode_steps(out: Path, config: DemoConfig, steps: _Steps, dataset: Any, data_args: str,
+                  pixels: Path, run_dir: Path, device: str, progress: bool
+                  ) -> dict[str, Path]:
+    """The frozen and the adapted encoder's stores (``frozen`` / ``adapted`` -> path)."""
+    from cxrembed.encode import encode_dataset
+    from cxrembed.model import load_encoder
+
     stores = {"frozen": out / "store-frozen.h5", "adapted": out / "store-adapted.h5"}
     frozen = load_encoder(config.model, config.pretrained, device=device)
     steps.run("encode (frozen CLIP)", f"cxrembed encode {data_args} --out {stores['frozen']} "
@@ -196,8 +222,13 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
               lambda: encode_dataset(dataset, stores["adapted"], adapted, pixel_cache=pixels,
                                      resume=True, progress=progress),
               reused=_complete_h5(stores["adapted"]))
+    return stores
 
-    # 4. protocols on cached vectors
+
+def _eval_steps(out: Path, steps: _Steps, stores: dict[str, Path]) -> dict[str, dict]:
+    """Text zero-shot on both stores and the adapted head, each saved under ``eval/``."""
+    from cxrembed.fewshot import evaluate_adapted_head, evaluate_zeroshot
+
     evals = {
         "zero-shot (frozen CLIP)": ("cxrembed zeroshot", stores["frozen"], evaluate_zeroshot,
                                     "text prompts, CheXzero-style softmax over a positive and a "
@@ -224,17 +255,25 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
             "ci": _mean_ci(record), "description": description,
             "ci_level": ((record.get("ci") or {}).get("bootstrap") or {}).get("level"),
             "source": f"eval/{slug}.json"}
+    return protocols
+
+
+def _fewshot_step(out: Path, config: DemoConfig, steps: _Steps, store: Path,
+                  progress: bool) -> dict[str, dict]:
+    """The few-shot sweep on ``store``; returns every trained head's row at the largest shot
+    count (none is picked by its test AUC)."""
+    from cxrembed.fewshot import run_fewshot
 
     shots = ",".join(map(str, config.shots))
     fewshot = steps.run(
         "few-shot sweep",
-        f"cxrembed fewshot {stores['adapted']} --shots {shots} --seeds {config.seeds} "
+        f"cxrembed fewshot {store} --shots {shots} --seeds {config.seeds} "
         f"--heads {','.join(config.heads)} --out {out / 'fewshot'}",
-        lambda: run_fewshot(stores["adapted"], out=out / "fewshot", shots=config.shots,
+        lambda: run_fewshot(store, out=out / "fewshot", shots=config.shots,
                             seeds=config.seeds, heads=config.heads, progress=progress))
     curves = _fewshot_curves(fewshot.summary, config.seeds)
-    # Every trained head at the largest shot count: none is picked by its test AUC.
     top = max(config.shots)
+    protocols = {}
     for head in (h for h in curves if curves[h]["shots"][-1] > 0):
         row = fewshot.cell(head, top)
         protocols[f"few-shot {head}, {top}-shot"] = {
@@ -245,15 +284,13 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
             "description": f"{head} head on {top} shots per class from train, mean over "
                            f"{config.seeds} draws",
             "source": "fewshot/fewshot.json"}
+    return protocols
 
-    # 5. searches and report inputs
-    searches, thumbs = steps.run("similarity search", f"cxrembed search {stores['adapted']} "
-                                 "--id <image> -k 5 --exclude-same-patient --montage ...",
-                                 lambda: _searches(stores["adapted"], dataset, out,
-                                                   config.searches, pixels))
-    (out / "thumbnails.json").write_text(json.dumps(thumbs))
 
-    summary = {
+def _summary(config: DemoConfig, data: Path, dataset: Any, device: str, steps: _Steps,
+             result: Any, protocols: dict, searches: list[dict]) -> dict[str, Any]:
+    """summary.json's content (its ``seconds`` are set when it is written)."""
+    return {
         "format": "cxrembed.demo",
         "title": "cxrembed demo" + (" (synthetic NIH twin, tiny model, CPU)"
                                     if config.synthetic else f" ({data}, {dataset.dataset})"),
@@ -268,10 +305,15 @@ def run_demo(out: str | os.PathLike = "cxrembed-demo", config: DemoConfig | None
         "adapt": result.to_dict() | {"history": None},
         "protocols": protocols, "searches": searches, "thumbnails": "thumbnails.json",
     }
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+
+
+def _write_summary_and_report(out: Path, steps: _Steps, summary: dict[str, Any],
+                              started: float, protocols: dict) -> DemoResult:
+    """summary.json, then the report, then both again so the report lists its own step."""
     from cxrembed.report import write_report
 
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     report = steps.run("HTML report", f"cxrembed report {out}", lambda: write_report(out).path)
     summary["steps"] = steps.records
     summary["seconds"] = round(time.perf_counter() - started, 1)
