@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -13,6 +13,9 @@ from cxrembed.cli.common import (AllowMissingOpt, CsvOpt, DataArg, DeviceOpt, Js
                                  TestListOpt, TrainValListOpt, ValFractionOpt, ViewOpt, app,
                                  console, load_dataset, print_json, reader_options)
 from cxrembed.store.index import INDEX_KINDS
+
+if TYPE_CHECKING:
+    from cxrembed.encode import EncodeResult
 
 CentreOpt = Annotated[str, typer.Option(
     "--centre", "--center", help="Centre vectors for search (subtract the store's mean, "
@@ -92,6 +95,12 @@ def encode(
     if json_out:
         print_json(result.to_dict())
         return
+    _print_encoded(result)
+
+
+def _print_encoded(result: "EncodeResult") -> None:
+    """The encode's result for a person: skipped images, rows and speed, stage times,
+    health and centring."""
     for skipped in result.skipped:
         console.print(f"[yellow]skipped[/] {skipped['image_id']}: {skipped['reason']}",
                       highlight=False, soft_wrap=True)

@@ -24,7 +24,7 @@ import numpy as np
 from cxrembed.encode.output import encoder_attrs, remove_store_files, reopen, row_fields
 from cxrembed.store.lock import holding_lock
 from cxrembed.encode.reader import BatchReader
-from cxrembed.encode.runner import StageSeconds, run_pipeline
+from cxrembed.encode.runner import run_pipeline
 from cxrembed.errors import ConfigError, DataError, StoreError
 
 log = logging.getLogger(__name__)
@@ -201,20 +201,12 @@ def encode_dataset(
 
         check_run_data(encoder.run, dataset)
 
-    writer, source_rows, created = None, np.arange(len(part)), False
-    if out.exists() and not overwrite:
-        writer, source_rows = reopen(out, encoder.fingerprint, part.image_id, part.split)
-        if writer.complete:
-            return _already_complete(writer, out, index, progress, centre)
-        if writer.batch_size != batch_size:
-            log.warning("resuming with the first run's batch size %d (not %d) so the vectors "
-                        "equal an uninterrupted run's", writer.batch_size, batch_size)
-            batch_size = writer.batch_size
-    else:
-        remove_store_files(out)
-        writer = _create_store(out, part, encoder, text_prompts, prompts is not None,
-                               batch_size, chunk_rows, splits, limit)
-        created = True
+    writer, source_rows, created = _open_writer(out, overwrite, part, encoder, text_prompts,
+                                                prompts is not None, batch_size, chunk_rows,
+                                                splits, limit)
+    if writer.complete:
+        return _already_complete(writer, out, index, progress, centre)
+    batch_size = writer.batch_size  # a resumed store keeps its first run's
     try:
         return _run(writer, source, source_rows, encoder, out, batch_size, workers, index,
                     progress, skip_bad, centre)
@@ -223,6 +215,23 @@ def encode_dataset(
             writer.close()
             remove_store_files(out)
         raise
+
+
+def _open_writer(out: Path, overwrite: bool, part: Any, encoder: Any, text_prompts: dict,
+                 prompts_given: bool, batch_size: int, chunk_rows: int | None, splits: Any,
+                 limit: Any) -> tuple[Any, np.ndarray, bool]:
+    """The store's writer (``out`` reopened to resume, or created anew), the rows of
+    ``part`` it still lacks, and whether it was created now."""
+    if out.exists() and not overwrite:
+        writer, source_rows = reopen(out, encoder.fingerprint, part.image_id, part.split)
+        if not writer.complete and writer.batch_size != batch_size:
+            log.warning("resuming with the first run's batch size %d (not %d) so the vectors "
+                        "equal an uninterrupted run's", writer.batch_size, batch_size)
+        return writer, source_rows, False
+    remove_store_files(out)
+    writer = _create_store(out, part, encoder, text_prompts, prompts_given, batch_size,
+                           chunk_rows, splits, limit)
+    return writer, np.arange(len(part)), True
 
 
 def _nih_labels() -> list[str]:
