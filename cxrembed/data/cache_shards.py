@@ -12,11 +12,12 @@ pixels, ids and skipped images are those of a one-process cache, byte for byte.
 The join is an HDF5 virtual dataset by default (``--join virtual``): ``PIXELS.h5`` holds
 the ids, the done flags and the attributes, and its ``pixels`` map onto the shards'
 (named relative to its folder, so the folder can move as a whole). Measured by
-``benchmarks/bench_cache_join.py`` (benchmarks/RESULTS.md, "cache join"; 10,000 rows of
-224 px in 4 shards, a loaded 2-core machine): the virtual join took 0.15 s (0.03 s of CPU),
-the copy 3.53 s (0.68 s of CPU; the rest is writing 479 MiB), and PixelCache read the two
-at rates within the run's noise (consecutive batches of 512 as encode reads them, random
-batches of 256 as adapt does: within ~10% of CPU time per image). Scaled to 10M images the
+``benchmarks/bench_cache_join.py`` (benchmarks/RESULTS.md, "cache join"; 10,000 and
+20,000 rows of 224 px in 4 and 8 shards, a loaded 2-core machine): the virtual join took
+0.15-0.44 s (under 0.1 s of CPU), the copy 3.5 s and 14-15 s (0.7 and 2.4 s of CPU; the
+rest is writing 479 and 958 MiB), and PixelCache read the two at rates that could not be
+told apart (consecutive batches of 512 as encode reads them, random batches of 256 as adapt
+does: which was faster flipped between identical runs). Scaled to 10M images the
 copy is one more pass over 502 GB, on rank 0 alone, while every other node waits, and it
 needs those 502 GB free beside the shards until they are removed: about as long as the
 decoding it follows once that is spread over a few hundred cores (docs/scaling.md). So
