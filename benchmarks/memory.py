@@ -52,22 +52,27 @@ def main() -> None:
         if not twin.exists():
             peak_rss(["synth", str(twin), "--images", str(n), "--size", "32", "--seed", "0"],
                      log)
+        print(f"| {n:,} |", end="", flush=True)  # each cell as soon as its command ends
         common = ["--model", "cxr-tiny", "--pretrained", "none", "--batch-size", "64",
                   "--workers", "2", "--device", "cpu", "--no-progress", "--overwrite"]
-        bare = peak_rss(["encode", str(twin), "--out", str(args.work / f"bare-{n}.h5"),
-                         "--index", "none", *common], log)
+        cell(peak_rss(["encode", str(twin), "--out", str(args.work / f"bare-{n}.h5"),
+                       "--index", "none", *common], log))
         store = args.work / f"store-{n}.h5"
-        flat = peak_rss(["encode", str(twin), "--out", str(store), "--index", "flat", *common],
-                        log)
+        cell(peak_rss(["encode", str(twin), "--out", str(store), "--index", "flat", *common],
+                      log))
         if not head.exists():
             peak_rss(["fit", str(store), "--head", "linear", "--all", "--out", str(head)], log)
         preds = args.work / f"preds-{n}.csv"
         preds.unlink(missing_ok=True)
-        predict = peak_rss(["predict", str(twin / "images_001"), "--head", str(head), "--out",
-                            str(preds), "--batch-size", "32", "--workers", "2", "--device",
-                            "cpu", "--no-progress"], log)
-        print(f"| {n:,} | {bare[0]:.0f} ({bare[1]:.0f}) | {flat[0]:.0f} ({flat[1]:.0f}) | "
-              f"{predict[0]:.0f} ({predict[1]:.0f}) |", flush=True)
+        cell(peak_rss(["predict", str(twin / "images_001"), "--head", str(head), "--out",
+                       str(preds), "--batch-size", "32", "--workers", "2", "--device", "cpu",
+                       "--no-progress"], log))
+        print(flush=True)
+
+
+def cell(figure: tuple[float, float]) -> None:
+    """One table cell, printed (and flushed) the moment its command has ended."""
+    print(f" {figure[0]:.0f} ({figure[1]:.0f}) |", end="", flush=True)
 
 
 if __name__ == "__main__":
