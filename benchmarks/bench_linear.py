@@ -80,6 +80,55 @@ def with_scipy(x: np.ndarray, t: np.ndarray, C: np.ndarray) -> np.ndarray:
     return basis @ res.x.reshape(d + 1, k)[:d]
 
 
+#: Spectrum of an untrained cxr-tiny store (the demo's synthetic twin, 2,000 images): std
+#: of the unit vectors along their j-th principal direction, measured at these j.
+TINY_SPECTRUM = ((0, 3.4e-2), (1, 2.4e-2), (5, 1.3e-2), (10, 9.4e-3), (20, 6.1e-3),
+                 (50, 1.8e-3), (100, 1.6e-5), (200, 8.4e-6), (300, 5.7e-6), (400, 3.0e-6),
+                 (511, 6.2e-7))
+TINY_MEAN_COSINE = 0.9956  # the same store's mean cosine between images
+
+
+def tiny_like_store(path: Path, rows: int, seed: int = 0) -> Path:
+    """A store of ``rows`` vectors shaped like an untrained cxr-tiny encoder's (nearly
+    parallel rows, a steep spectrum: the geometry `benchmarks/memory.py` fits on), NIH
+    label prevalences with a planted signal of the size measured there, 70/10/20 split by
+    patient. Written in blocks (RSS stays far below the vectors' size)."""
+    from cxrembed.labels import LABELS, NIH_PREVALENCE
+    from cxrembed.store.writer import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    dim = 512
+    j = np.arange(dim)
+    knots = np.array(TINY_SPECTRUM)
+    spread = np.exp(np.interp(j, knots[:, 0], np.log(knots[:, 1])))
+    axes = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    mean = axes[:, -1] * np.sqrt(TINY_MEAN_COSINE)  # along a direction of least spread
+    # each class shifts images along a direction of the top 20 principal axes
+    signal = rng.normal(size=(14, 20)) @ axes[:, :20].T
+    signal *= 0.03 / np.linalg.norm(signal, axis=1, keepdims=True)
+    labels = (rng.random((rows, 14)) < np.array(NIH_PREVALENCE)).astype(np.uint8)
+    patients = np.arange(rows) // 3  # three images per patient
+    split = np.array(["train"] * 7 + ["val"] + ["test"] * 2)[patients % 10]
+    ids = np.array([f"{i:08d}_000.png" for i in range(rows)])
+    table = {"image_id": ids, "patient_id": patients.astype(np.int64),
+             "follow_up": np.zeros(rows, np.int64), "split": split,
+             "view": np.full(rows, "PA"), "sex": np.full(rows, "F"),
+             "age": np.full(rows, 50, np.float32), "labels": labels, "image_path": ids}
+    batch = 4096
+    with StoreWriter.create(path, rows=table, embed_dim=dim, fingerprint={"model": "tiny-like"},
+                            has_head=False, has_text=False, batch_size=batch,
+                            chunk_rows=batch * 4, attrs={"model_name": "tiny-like"},
+                            label_names=list(LABELS)) as writer:
+        for start in range(0, rows, batch):
+            stop = min(rows, start + batch)
+            block = (rng.normal(size=(stop - start, dim)) * spread) @ axes.T + mean
+            block += labels[start:stop] @ signal
+            block /= np.linalg.norm(block, axis=1, keepdims=True)
+            writer.append((17.0 * block).astype(np.float32))
+        writer.finish()
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", default="1,16")

@@ -2,11 +2,11 @@
 
 Each class is sklearn's ``LogisticRegression(C=C)`` problem (``0.5 |w|^2 + C * sum of log
 losses``, intercept not penalised). The 14 classes times every candidate C are solved
-together as one L-BFGS problem: the objective is a sum of independent terms, so its
-minimum is each term's minimum, and one vectorised solve replaces ~100 small sklearn fits
-per few-shot draw (the sweep runs thousands). A test checks the coefficients against
-sklearn. The C with the best val mean AUC is kept (one C for all classes: a per-class
-choice on a handful of val positives would mostly fit noise).
+together by :mod:`cxrembed.heads.logistic` (a preconditioned, column-batched L-BFGS along
+the path of Cs), which replaces ~100 small sklearn fits per few-shot draw (the sweep runs
+thousands) and keeps fits on every train row of a large store short. Tests check the
+coefficients against sklearn. The C with the best val mean AUC is kept (one C for all
+classes: a per-class choice on a handful of val positives would mostly fit noise).
 
 A class with no positive (or no negative) shot cannot be fitted; it gets a constant score,
 which ranks nothing (test AUC 0.5, honestly so), and is listed in ``selected``.
@@ -23,6 +23,9 @@ from cxrembed.errors import ConfigError
 from cxrembed.heads.base import (build_config, check_known, check_xy, has_val,
                                  inverse_norms, register_head, single_thread, unit_rows,
                                  val_mean_aucs)
+from cxrembed.heads.logistic import fit_logistic, fit_logistic_path
+
+__all__ = ["LinearConfig", "LinearHead", "fit_logistic", "fit_logistic_path"]
 
 
 @dataclass
@@ -30,98 +33,7 @@ class LinearConfig:
     Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)  # inverse L2 strengths tried
     default_C: float = 1.0  # used without a val sample (sklearn's default)
     max_iter: int = 1000
-    tol: float = 1e-6  # L-BFGS projected-gradient tolerance on the scaled objective
-
-
-
-def _lbfgs_columns(fg, theta: np.ndarray, max_iter: int, tol: float, memory: int = 10
-                   ) -> tuple[np.ndarray, int, np.ndarray]:
-    """Minimise K independent smooth convex functions at once: one L-BFGS per column.
-
-    ``fg(theta (P, K)) -> (f (K,), grad (P, K))`` where column k of the gradient depends on
-    column k of theta only. Every column keeps its own curvature history and its own
-    Armijo backtracking step, so the result is what K separate solves would give.
-    Returns theta, iterations, and which columns met ``max |grad| <= tol``.
-    """
-    f, g = fg(theta)
-    history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    done = np.abs(g).max(axis=0) <= tol
-    it = 0
-    for it in range(1, max_iter + 1):
-        if done.all():
-            it -= 1
-            break
-        q = g.copy()
-        alphas = []
-        for s, y, rho in reversed(history):
-            a = rho * np.einsum("pk,pk->k", s, q)
-            q -= a * y
-            alphas.append(a)
-        if history:
-            s, y, rho = history[-1]
-            yy = np.einsum("pk,pk->k", y, y)
-            q *= np.where(rho > 0, 1.0 / np.maximum(rho * yy, 1e-300), 1.0)
-        else:
-            q /= np.maximum(np.abs(g).max(axis=0), 1.0)
-        for (s, y, rho), a in zip(history, reversed(alphas)):
-            b = rho * np.einsum("pk,pk->k", y, q)
-            q += s * (a - b)
-        p = -q
-        slope = np.einsum("pk,pk->k", p, g)
-        reset = slope >= 0  # not a descent direction: fall back to steepest descent
-        if reset.any():
-            p[:, reset] = -g[:, reset]
-            slope[reset] = -np.einsum("pk,pk->k", g[:, reset], g[:, reset])
-        p[:, done] = 0.0
-        step = np.ones(theta.shape[1])
-        for _ in range(40):
-            trial = theta + step * p
-            f_new, g_new = fg(trial)
-            ok = (f_new <= f + 1e-4 * step * slope) | done
-            if ok.all():
-                break
-            step = np.where(ok, step, 0.5 * step)
-        s, y = trial - theta, g_new - g
-        sy = np.einsum("pk,pk->k", s, y)
-        history.append((s, y, np.where(sy > 1e-12, 1.0 / np.maximum(sy, 1e-300), 0.0)))
-        if len(history) > memory:
-            history.pop(0)
-        theta, f, g = trial, f_new, g_new
-        done |= np.abs(g).max(axis=0) <= tol
-    return theta, it, done
-
-
-def fit_logistic(X: np.ndarray, T: np.ndarray, C: np.ndarray, max_iter: int = 1000,
-                 tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Solve K independent L2 logistic regressions at once.
-
-    ``X`` (n, D); ``T`` (n, K) targets in {-1, +1}; ``C`` (K,) inverse strengths. Returns
-    ``W`` (D, K), ``b`` (K,) and solver info. Objective per problem (divided by ``C * n``
-    for conditioning, which moves no minimum): ``|w|^2 / (2 C n) + mean log-loss``.
-    """
-    n, d_full = X.shape
-    ridge = 1.0 / (np.asarray(C, dtype=np.float64) * n)
-    # The optimal w lies in the row space of X (any component outside it only adds
-    # penalty), so solve in that space: w = V u with X = U S V^T, exact and, with fewer
-    # shots than dimensions, much smaller.
-    _, sing, vt = np.linalg.svd(X, full_matrices=False)
-    basis = vt[sing > sing[0] * 1e-10].T if len(sing) and sing[0] > 0 else np.zeros((d_full, 0))
-    d = basis.shape[1]
-    Xb = np.hstack([X @ basis, np.ones((n, 1))])  # last row of theta: the intercept
-
-    def objective(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        margin = T * (Xb @ theta)
-        w = theta[:d]
-        loss = np.logaddexp(0.0, -margin).sum(axis=0) / n + 0.5 * ridge * (w * w).sum(axis=0)
-        G = -T * np.exp(-np.logaddexp(0.0, margin)) / n  # d loss / d z = -t * sigmoid(-m)
-        grad = Xb.T @ G
-        grad[:d] += ridge * w
-        return loss, grad
-
-    theta, iterations, converged = _lbfgs_columns(
-        objective, np.zeros((d + 1, T.shape[1])), max_iter, tol)
-    info = {"iterations": int(iterations), "converged": bool(converged.all())}
-    return basis @ theta[:d], theta[d], info
+    tol: float = 1e-6  # max |gradient| of the objective divided by C n (heads/logistic.py)
 
 
 @register_head("linear")
@@ -158,15 +70,12 @@ class LinearHead:
         Cs = tuple(self.config.Cs) if use_val else (self.config.default_C,)
         T = 2.0 * Y[:, fittable].astype(np.float64) - 1.0
         T *= sure[:, fittable]  # an unknown label: target 0, constant loss, no gradient
-        T_all = np.tile(T, (1, len(Cs)))
-        C_all = np.repeat(np.asarray(Cs, dtype=np.float64), len(fittable))
-        W, b, info = fit_logistic(X, T_all, C_all, self.config.max_iter, self.config.tol)
+        W, b, info = fit_logistic_path(X, T, Cs, self.config.max_iter, self.config.tol)
 
         def head_for(j: int) -> tuple[np.ndarray, np.ndarray]:
             coef = np.zeros((X.shape[1], n_classes))
             intercept = np.zeros(n_classes)
-            cols = slice(j * len(fittable), (j + 1) * len(fittable))
-            coef[:, fittable], intercept[fittable] = W[:, cols], b[cols]
+            coef[:, fittable], intercept[fittable] = W[j], b[j]
             return coef, intercept
 
         best_j, best_auc = 0, None
