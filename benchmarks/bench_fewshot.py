@@ -44,6 +44,26 @@ SHOTS = (1, 2, 4, 8, 16)
 HEADS = ("mlp", "linear", "knn", "tip", "zeroshot")
 #: the code before issue 14 (the speed work): what every figure is compared with
 BASELINE = "588b599"
+#: the MLP head's Linear layers (in, out) at these sizes: model.head.DiagnosisHead
+MLP_LAYERS = ((DIM, 512), (512, 256), (256, 14))
+MLP_PARAMS = sum(i * o + o for i, o in MLP_LAYERS) + 2 * (512 + 256)  # + LayerNorms
+
+FLOOR_SNIPPET = r"""
+import json, sys, time, torch
+threads, rows, inner, cols = (int(a) for a in sys.argv[1:5])
+torch.set_num_threads(threads)
+a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+a @ b
+best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter())
+           for _ in range(3))
+big = torch.empty(2**26)  # 256 MiB: past every cache
+out = torch.empty_like(big)
+out.copy_(big)
+copy = min((lambda t: (out.copy_(big), time.perf_counter() - t)[1])(time.perf_counter())
+           for _ in range(3))
+print(json.dumps({"gflops": 2 * rows * inner * cols / best / 1e9,
+                  "copy_gbs": 2 * big.numel() * 4 / copy / 1e9}))
+"""
 
 FORWARD_SNIPPET = r"""
 import json, sys, time, torch, open_clip
@@ -105,8 +125,11 @@ def measure_forward(batch: int) -> dict:
 
 def run_child(args: argparse.Namespace) -> None:
     """One sweep with whatever cxrembed is importable; one JSON line on stdout."""
+    import cxrembed.fewshot.sweep as sweep_module
     from cxrembed.fewshot import run_fewshot
 
+    if args.predict_threads and hasattr(sweep_module, "PREDICT_THREADS"):
+        sweep_module.PREDICT_THREADS = args.predict_threads
     t0 = time.perf_counter()
     data = synthetic_store(rows=args.rows)
     build_s = time.perf_counter() - t0
@@ -133,7 +156,61 @@ def run_child(args: argparse.Namespace) -> None:
         "ms_per_cell": {h: [1000 * float(np.mean(v)), 1000 * float(max(v))]
                         for h, v in per_head.items()},
         "summary": [{"head": r["head"], "shots": r["shots"], **r["mean_auc"]}
-                    for r in result.summary]}))
+                    for r in result.summary],
+        "mlp_work": mlp_work(result.runs, n_test, result.config.head_options)}))
+
+
+def mlp_work(runs: list[dict], n_test: int, head_options: dict) -> dict:
+    """The MLP head's arithmetic in this sweep, from its shapes and the epochs each member
+    actually ran (``selected``): test-prediction and training multiply-adds x 2 (FLOP),
+    member-steps, and the bytes its AdamW state moves (read parameter, gradient and both
+    moments, write parameter and moments: 7 x 4 bytes a parameter a member-step)."""
+    macs = sum(i * o for i, o in MLP_LAYERS)
+    first = MLP_LAYERS[0][0] * MLP_LAYERS[0][1]  # no input gradient for the first layer
+    batch = head_options.get("mlp", {}).get("batch_size", 16)
+    mlp = [r for r in runs if r["head"] == "mlp" and r["shots"]]
+    train_flop = steps = 0
+    for r in mlp:
+        epochs = r["selected"]["epochs_run"]
+        # forward, weight gradients, input gradients over the rows trained; val forward
+        train_flop += epochs * (2 * r["n_train"] * (3 * macs - first) + 2 * r["n_val"] * macs)
+        steps += epochs * -(-r["n_train"] // batch)
+    return {"heads": len(mlp), "predict_flop": 2 * len(mlp) * n_test * macs,
+            "train_flop": train_flop, "member_steps": steps,
+            "adamw_bytes": 7 * 4 * MLP_PARAMS * steps}
+
+
+def measure_floor(threads: int, rows: int = N_TEST) -> dict:
+    """fp32 GEMM rate (rows x 512 @ 512 x 2,048, the MLP's first layer for 4 heads; best
+    of 3) and a 256 MiB copy's memory rate, with ``threads`` torch threads, in a child."""
+    out = subprocess.run([sys.executable, "-c", FLOOR_SNIPPET, str(threads), str(rows),
+                          str(DIM), "2048"], capture_output=True, text=True, timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"GEMM measurement failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def report_floor(new: dict, floors: dict[int, dict]) -> None:
+    """The MLP head's fp32 floor at the rates measured in this run, beside its times."""
+    work, one, two = new["mlp_work"], floors[1], floors[2]
+    if not work["heads"]:
+        return
+    print(f"fp32 floor measured in this run: GEMM {new['n_test']:,}x{DIM} @ {DIM}x2,048 "
+          f"{one['gflops']:.0f} GFLOPS with 1 thread, {two['gflops']:.0f} with 2; "
+          f"memory copy {one['copy_gbs']:.1f} GB/s (1 thread), {two['copy_gbs']:.1f} (2)")
+    predict_s = new["timing"].get("predict_s", {}).get("mlp")
+    measured = (f"; measured {predict_s:.1f} s wall" if predict_s is not None else "")
+    flop = work["predict_flop"]
+    print(f"  mlp test predictions: {work['heads']} heads x {new['n_test']:,} rows = "
+          f"{flop / 1e12:.3f} TFLOP: {flop / one['gflops'] / 1e9:.1f} s at 1 thread, "
+          f"{flop / two['gflops'] / 1e9:.1f} s at 2{measured}")
+    fit_s = new["timing"]["fit_predict_s"]["mlp"] - (predict_s or 0.0)
+    print(f"  mlp training: {work['member_steps']:,} member-steps, {work['train_flop'] / 1e12:.3f} "
+          f"TFLOP (forward + backward on the rows trained, val passes): "
+          f"{work['train_flop'] / one['gflops'] / 1e9:.1f} s at 1 thread; AdamW state "
+          f"{work['adamw_bytes'] / 1e9:.0f} GB moved: {work['adamw_bytes'] / one['copy_gbs'] / 1e9:.1f}"
+          f" s at the copy rate" + (f"; measured {fit_s:.1f} s wall" if predict_s is not None
+                                    else f"; measured fit + predict {fit_s:.1f} s wall"))
 
 
 def extract(rev: str) -> str:
@@ -156,7 +233,8 @@ def sweep_in(code: str | None, args: argparse.Namespace) -> dict:
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rows", str(args.rows),
            "--seeds", str(args.seeds), "--bootstrap", str(args.bootstrap), "--device",
-           args.device if code is None else "cpu"]
+           args.device if code is None else "cpu",
+           "--predict-threads", str(args.predict_threads if code is None else 0)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"sweep with {root} failed: {out.stderr[-3000:]}")
@@ -171,6 +249,9 @@ def report(tag: str, r: dict) -> None:
     cells = ", ".join(f"{h} {m:.0f} ms (max {x:.0f})" for h, (m, x) in r["ms_per_cell"].items())
     print(f"  fit + predict per cell: {cells}; zeroshot {1000 * t['fit_predict_s']['zeroshot']:.0f}"
           f" ms; scoring {t['scoring_s']:.1f} s in all, waited {t['scoring_wait_s']:.1f} s")
+    if "predict_s" in t:
+        print("  of which test predictions, in all: " + ", ".join(
+            f"{h} {s:.1f} s" for h, s in t["predict_s"].items()))
 
 
 def main() -> None:
@@ -189,6 +270,8 @@ def main() -> None:
     parser.add_argument("--no-paper", action="store_true",
                         help="skip the paper's-approach estimate (no ViT-B-32 forward)")
     parser.add_argument("--forward-batch", type=int, default=8)
+    parser.add_argument("--predict-threads", type=int, default=0,
+                        help="threads for the new code's test predictions (0: its default)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -207,6 +290,7 @@ def main() -> None:
     if old:
         report(f"old code ({args.baseline})", old)
     report("new code", new)
+    report_floor(new, {threads: measure_floor(threads, new["n_test"]) for threads in (1, 2)})
     if old:
         print(f"ratio old / new: wall {old['wall_s'] / new['wall_s']:.2f}x, CPU "
               f"{old['cpu_s'] / new['cpu_s']:.2f}x")

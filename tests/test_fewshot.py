@@ -475,3 +475,29 @@ def test_class_supply_counts_what_shot_orders_can_draw_with_unknown_labels():
     orders = shot_orders(labels, np.flatnonzero(split == "train"), seeded_rng(0), True, known)
     assert list(supply.values()) == [len(o) for o in orders]
     assert supply != class_supply(labels, split, "train", True, names)  # the mask matters
+
+
+def test_prediction_threads_change_no_score_and_are_restored(world, monkeypatch):
+    """The sweep's test predictions may use more BLAS/torch threads than its fits
+    (PREDICT_THREADS, measured by bench_fewshot --predict-threads): the scores are the
+    same up to float rounding (a product split over threads sums in another order), the
+    AUCs too, the timing says where the predictions' time went, and the caller's thread
+    settings are left as they were."""
+    torch = pytest.importorskip("torch")
+    import cxrembed.fewshot.sweep as sweep_module
+
+    options = dict(shots=(2,), seeds=2, heads=("mlp", "knn"), keep_scores=True)
+    before = torch.get_num_threads()
+    one = sweep(eval_data(world), **options)
+    monkeypatch.setattr(sweep_module, "PREDICT_THREADS", 2)
+    two = sweep(eval_data(world), **options)
+    assert torch.get_num_threads() == before
+    assert one.scores.keys() == two.scores.keys() and len(one.scores) == 4
+    for key, scores in one.scores.items():
+        np.testing.assert_allclose(scores, two.scores[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(one.runs, two.runs):
+        assert (a["head"], a["shots"], a["seed"]) == (b["head"], b["shots"], b["seed"])
+        assert a["mean_auc"] == pytest.approx(b["mean_auc"], abs=1e-6)
+    assert set(two.timing["predict_s"]) == {"mlp", "knn"}
+    assert all(0 < two.timing["predict_s"][h] <= two.timing["fit_predict_s"][h]
+               for h in ("mlp", "knn"))

@@ -25,11 +25,16 @@ from cxrembed.fewshot.data import EvalData, as_eval_data
 from cxrembed.fewshot.results import FewShotResult, eval_set, json_number, per_class_dict
 from cxrembed.fewshot.sampling import (check_shots, class_supply, describe_shortfall,
                                        sample_shots, seeded_rng)
-from cxrembed.heads.base import single_thread, torch_device
+from cxrembed.heads.base import single_thread, thread_limit, torch_device
 from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percentile_interval,
                               replicate_aucs, resample_patients)
 
 log = logging.getLogger(__name__)
+
+#: BLAS/torch threads for the heads' test predictions (fits keep to one: a stream of tiny
+#: products). The scoring thread runs beside them; ``benchmarks/bench_fewshot.py
+#: --predict-threads`` measures the alternatives. Results do not depend on it.
+PREDICT_THREADS = 1
 
 
 class _Scorer:
@@ -221,6 +226,7 @@ class _Sweep:
         self.samples: list[dict[str, Any]] = []
         self.scores: dict | None = {} if keep_scores else None
         self.fit_seconds = {h: 0.0 for h in config.heads}
+        self.predict_seconds = {h: 0.0 for h in self.trained}
         self.pending: list[tuple[dict[str, Any], Future]] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxrembed-score")
         self.text_logits: np.ndarray | None = None  # tip's, of the test vectors
@@ -292,9 +298,8 @@ class _Sweep:
         raw = heads[0].input == "raw"
         fit_many = getattr(HEADS[name], "fit_many", None)
         fit_seconds = []
-        # This thread keeps to one core (fits and predictions alike); the scoring thread
-        # has the other. Measured here under load, a second BLAS/torch thread made even the
-        # 25k-row predictions slower, never faster.
+        # Fits keep this thread to one core; the scoring thread has the other. Measured
+        # here under load, a second BLAS/torch thread made fits slower, never faster.
         with single_thread():
             if fit_many is not None:
                 t0 = time.perf_counter()
@@ -305,6 +310,7 @@ class _Sweep:
                     t0 = time.perf_counter()
                     head.fit(*draw.fit_args(raw), known=draw.known)
                     fit_seconds.append(time.perf_counter() - t0)
+        with thread_limit(PREDICT_THREADS):
             x_test = self.x_test_raw if raw else self.x_test_unit
             predict_many = getattr(HEADS[name], "predict_many", None)
             t0 = time.perf_counter()
@@ -324,6 +330,7 @@ class _Sweep:
                                                              fit_seconds, predict_seconds):
                 self.record(name, shots, draw.seed, scores, fit_s + predict_s, head.selected,
                             len(draw.rows_train), len(draw.rows_val))
+            self.predict_seconds[name] += sum(predict_seconds)
 
     def _shared_inputs(self, name: str, head: Any, x_test: np.ndarray) -> dict[str, Any]:
         """What every seed's head of ``name`` takes alike: Tip-Adapter's text logits of the
@@ -352,7 +359,8 @@ class _Sweep:
                    for (head, shots), (points, reps) in collected.items()]
         cells = len(self.config.shots) * self.config.seeds * len(self.trained)
         timing = {"total_s": time.perf_counter() - started,
-                  "fit_predict_s": self.fit_seconds, "scoring_s": scoring_seconds,
+                  "fit_predict_s": self.fit_seconds, "predict_s": self.predict_seconds,
+                  "scoring_s": scoring_seconds,
                   "scoring_wait_s": time.perf_counter() - t0, "cells": cells,
                   "per_cell_s": (sum(self.fit_seconds[h] for h in self.trained) / cells)
                   if cells else None}

@@ -226,14 +226,22 @@ def single_thread() -> Iterator[None]:
     """One BLAS and one torch thread inside: fitting on a few hundred shots is a stream of
     tiny matrix products, which extra threads slow down (several times over when other
     processes share the cores). Restores both settings on exit."""
+    with thread_limit(1):
+        yield
+
+
+@contextlib.contextmanager
+def thread_limit(threads: int) -> Iterator[None]:
+    """At most ``threads`` BLAS and torch threads inside; both settings restored on exit.
+    Never imports torch itself (only when it is loaded)."""
     from threadpoolctl import threadpool_limits
 
-    torch = sys.modules.get("torch")  # only when loaded: never imports torch itself
+    torch = sys.modules.get("torch")
     before = torch.get_num_threads() if torch is not None else None
     try:
         if torch is not None:
-            torch.set_num_threads(1)
-        with threadpool_limits(1):
+            torch.set_num_threads(max(1, int(threads)))
+        with threadpool_limits(max(1, int(threads))):
             yield
     finally:
         if torch is not None and before is not None:
