@@ -58,15 +58,18 @@ def weighted_aucs(y: np.ndarray, s: np.ndarray, patient: np.ndarray, weights: np
     n_patients, n_w = w.shape
     if not n or not n_classes:
         return np.full((n_w, n_classes), np.nan)
-    ranks = _Ranks(y, s, np.asarray(patient).reshape(-1), known, n_patients)
+    patient = np.asarray(patient).reshape(-1)
+    ranks = _Ranks(y, s, patient, known)
     a = sp.csr_matrix((np.ones(len(ranks.indices), np.float32), ranks.indices, ranks.indptr),
                       shape=(ranks.indptr.size - 1, n_patients))
     rows = ranks.rows  # per section: each class's groups, then its overflow row
     starts = ranks.class_starts  # (C,) first row of each class in a section
     ends = np.append(starts[1:], rows) - 1  # last (overflow) row of each class
     # Float32 running sums are whole numbers, exact while every column's total negative
-    # weight (over all classes) stays below 2**24; else they are taken in float64.
-    exact32 = float((ranks.negatives_per_patient @ w).max(initial=0)) < _FLOAT32_EXACT
+    # weight over all classes (at most classes x its total row weight) stays below 2**24;
+    # else they are taken in float64.
+    rows_per_patient = np.bincount(patient, minlength=n_patients).astype(np.float32)
+    exact32 = n_classes * float((rows_per_patient @ w).max(initial=0)) < _FLOAT32_EXACT
     u, total_pos, total_neg = (np.zeros((n_classes, n_w)) for _ in range(3))
     segments = list(zip(starts, ends + 1))
     by_class = sp.csr_matrix((np.ones(rows), np.arange(rows), np.append(starts, rows)),
@@ -110,7 +113,7 @@ class _Ranks:
     """
 
     def __init__(self, y: np.ndarray, s: Any, patient: np.ndarray,
-                 known: np.ndarray | None, n_patients: int) -> None:
+                 known: np.ndarray | None) -> None:
         n, n_classes = y.shape
         scores = np.ascontiguousarray(np.asarray(s, dtype=np.float64).T)
         order = np.argsort(scores, axis=1)  # (C, n)
@@ -144,8 +147,9 @@ class _Ranks:
         self.rows = int(entered[-1]) + 1
         self.class_starts = np.concatenate([[0], entered[n - 1:-1:n] + 1]) if n_classes > 1 \
             else np.zeros(1, dtype=np.int32)
-        pos_row, neg_row = entered[is_pos] - 1, entered[is_neg]
-        pos_patient, neg_patient = who[is_pos], who[is_neg]
+        pos_at, neg_at = np.flatnonzero(is_pos), np.flatnonzero(is_neg)
+        pos_row, neg_row = entered[pos_at] - 1, entered[neg_at]
+        pos_patient, neg_patient = who[pos_at], who[neg_at]
         if tied is None:
             tie_group, tie_patient = np.zeros(0, np.int32), np.zeros(0, np.int32)
         else:
@@ -163,9 +167,6 @@ class _Ranks:
         self.indptr = np.zeros(len(counts) + 1, dtype=np.int64)
         np.cumsum(counts, out=self.indptr[1:])
         self.indices = np.concatenate([pos_patient, neg_patient, tie_patient])
-        #: negative rows of each patient over all classes (bounds the running sums)
-        self.negatives_per_patient = np.bincount(neg_patient, minlength=n_patients
-                                                 ).astype(np.float32)
 
 
 def _cumsum_rows(x: np.ndarray, block: int = 64) -> None:

@@ -55,7 +55,8 @@ def _as_2d(y_true: Any, scores: Any) -> tuple[np.ndarray, np.ndarray]:
     if y.ndim != 2 or y.shape != s.shape:
         raise DataError(f"labels of shape {np.shape(y_true)} and scores of shape "
                         f"{np.shape(scores)} do not match; expected two (n, classes) arrays")
-    if y.size and not np.isin(y, (0, 1)).all():
+    valid = y.dtype == bool or ((y == 0) | (y == 1)).all()  # (np.isin: ~20x slower)
+    if y.size and not valid:
         bad = y[~np.isin(y, (0, 1))].ravel()[0]
         raise DataError(f"labels must be 0/1; found {bad!r} (unknown labels must be removed "
                         "before scoring)")
