@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 # As the `cxrembed` command does (cxrembed/cli/__init__.py), before torch is imported:
 # passive OpenMP waits, or torch's threads spin and stall on a shared CPU.
@@ -30,6 +31,21 @@ def twin(tmp_path_factory) -> Path:
 
     return make_twin(tmp_path_factory.mktemp("twin") / "nih", images=240, size=64, seed=0,
                      workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(twin, tmp_path_factory) -> SimpleNamespace:
+    """The twin (val 25%), the random-init tiny CLIP and the store it encodes of it, made
+    once per session (read-only: fit heads and write outputs elsewhere)."""
+    from cxrembed.data import load_nih
+    from cxrembed.encode import encode_dataset
+    from cxrembed.model import load_encoder
+
+    dataset = load_nih(twin, val_fraction=0.25)
+    encoder = load_encoder(model="cxr-tiny", pretrained="none")
+    store = tmp_path_factory.mktemp("tiny-store") / "tiny.h5"
+    encode_dataset(dataset, store, encoder, batch_size=32, progress=False, workers=0)
+    return SimpleNamespace(dataset=dataset, encoder=encoder, store=store)
 
 
 @pytest.fixture(scope="session")

@@ -73,20 +73,14 @@ def test_cache_refused_on_a_full_disk_keeps_the_old_cache_and_resumes(twin, tmp_
 
 
 @pytest.fixture(scope="module")
-def world(twin, tmp_path_factory):
-    """A tiny-CLIP store of the twin, its index and a kNN head on it."""
-    from cxrembed.encode import encode_dataset
+def world(tiny_store, tmp_path_factory):
+    """The session's tiny-CLIP store of the twin and a kNN head on it."""
     from cxrembed.fewshot.fit import fit_head
-    from cxrembed.model import load_encoder
 
     root = tmp_path_factory.mktemp("disk-full")
-    dataset = load_nih(twin, val_fraction=0.25)
-    encoder = load_encoder(model="cxr-tiny", pretrained="none")
-    store = root / "store.h5"
-    encode_dataset(dataset, store, encoder, batch_size=32, progress=False, workers=0)
-    fit_head(store, "knn", all_rows=True, out=root / "head")
-    return {"root": root, "store": store, "head": root / "head", "dataset": dataset,
-            "encoder": encoder}
+    fit_head(tiny_store.store, "knn", all_rows=True, out=root / "head")
+    return {"root": root, "store": tiny_store.store, "head": root / "head",
+            "dataset": tiny_store.dataset, "encoder": tiny_store.encoder}
 
 
 @pytest.mark.slow

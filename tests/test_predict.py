@@ -26,23 +26,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(twin, tmp_path_factory):
-    """A tiny-CLIP store of the twin and a linear head fitted on it."""
-    from cxrembed.data import load_nih
-    from cxrembed.encode import encode_dataset
-    from cxrembed.model import load_encoder
-
+def world(tiny_store, tmp_path_factory):
+    """The session's tiny-CLIP store of the twin and a linear head fitted on it."""
     root = tmp_path_factory.mktemp("predict")
-    dataset = load_nih(twin, val_fraction=0.25)
-    encoder = load_encoder(model="cxr-tiny", pretrained="none")
-    store = root / "tiny.h5"
-    encode_dataset(dataset, store, encoder, batch_size=32, progress=False, workers=0)
+    dataset, store = tiny_store.dataset, tiny_store.store
     fit_head(store, "linear", all_rows=True, out=root / "head")
     with EmbeddingStore.open(store) as opened:
         rows = opened.select(split="test")
         test_paths = [str(dataset.path[np.flatnonzero(dataset.image_id == i)[0]])
                       for i in opened.image_id[rows]]
-    return {"root": root, "store": store, "head": root / "head", "encoder": encoder,
+    return {"root": root, "store": store, "head": root / "head", "encoder": tiny_store.encoder,
             "test_paths": test_paths, "dataset": dataset}
 
 
