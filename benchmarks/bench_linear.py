@@ -15,12 +15,24 @@ rows, 512 dims). Compared, on the same draws, one BLAS thread each:
 
 Reported: ms per draw, the ratio to cxrembed, and the largest difference of the fitted
 coefficients from sklearn's (scaled by the largest coefficient).
+
+    python benchmarks/bench_linear.py --fit-rows 100000 [--baseline REV] [--work DIR]
+
+``cxrembed fit STORE --head linear --all`` on a store of that many rows shaped like an
+untrained cxr-tiny encoder's (what benchmarks/memory.py fits on; :func:`tiny_like_store`),
+each run in its own process: this tree, and with ``--baseline`` the code of an older
+revision (``git archive`` into a temporary folder) on the same store. Reported: CPU
+seconds (user + system of the process), wall seconds, peak RSS, the C selected, and the
+largest difference of the two heads' val decision values (scaled by their spread).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -129,11 +141,77 @@ def tiny_like_store(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
+def fit_all(store: Path, out: Path, code: Path) -> dict:
+    """``cxrembed fit STORE --head linear --all`` with the package found at ``code``."""
+    argv = [sys.executable, "-c", "from cxrembed.cli import main; main()", "fit", str(store),
+            "--head", "linear", "--all", "--out", str(out), "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"fit with {code} failed: {proc.stderr.read().decode()[-2000:]}")
+    return {"cpu": usage.ru_utime + usage.ru_stime, "wall": wall,
+            "rss": usage.ru_maxrss / 1024, "out": out}
+
+
+def fit_benchmark(rows: int, baseline: str | None, work: Path) -> None:
+    """The ``--fit-rows`` mode (see the module doc)."""
+    import json
+
+    from cxrembed.store import EmbeddingStore
+
+    store = work / f"tiny-like-{rows}.h5"
+    if not store.exists():
+        tiny_like_store(store, rows)
+    runs = {"this tree": Path(__file__).resolve().parents[1]}
+    if baseline:
+        old = work / f"code-{baseline}"
+        if not old.exists():
+            old.mkdir()
+            archive = subprocess.run(["git", "archive", baseline, "cxrembed"], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        runs[f"baseline {baseline}"] = old
+    print(f"cxrembed fit STORE --head linear --all: {rows:,}-row store shaped like an "
+          f"untrained cxr-tiny encoder's; load average {os.getloadavg()[0]:.1f} at start")
+    results = {name: fit_all(store, work / f"head-{i}", code)
+               for i, (name, code) in enumerate(runs.items())}
+    with EmbeddingStore.open(store) as opened:
+        val = opened.embeddings(np.flatnonzero(opened.split == "val"), normalized=True)
+    scores = {}
+    for name, result in results.items():
+        card = json.loads((result["out"] / "head.json").read_text())
+        arrays = np.load(result["out"] / "head.npz")
+        scores[name] = val @ arrays["coef"] + arrays["intercept"]
+        print(f"  {name:>20}: CPU {result['cpu']:6.1f} s, wall {result['wall']:6.1f} s, "
+              f"peak RSS {result['rss']:5.0f} MiB, C {card['selected']['C']}, "
+              f"solver iterations {card['selected']['iterations']}")
+    if baseline:
+        new, old = scores["this tree"], scores[f"baseline {baseline}"]
+        spread = np.ptp(old, axis=0)
+        print(f"  largest |new - old| val decision value / its spread: "
+              f"{float(np.max(np.abs(new - old).max(axis=0) / spread)):.1e}; CPU ratio "
+              f"old/new {results[f'baseline {baseline}']['cpu'] / results['this tree']['cpu']:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shots", default="1,16")
     parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--fit-rows", type=int, help="time `fit --all` on a store this big")
+    parser.add_argument("--baseline", help="with --fit-rows: also the code of this revision")
+    parser.add_argument("--work", type=Path, help="with --fit-rows: folder for the store")
     args = parser.parse_args()
+    if args.fit_rows:
+        if args.work:
+            args.work.mkdir(parents=True, exist_ok=True)
+            fit_benchmark(args.fit_rows, args.baseline, args.work)
+        else:
+            with tempfile.TemporaryDirectory() as work:
+                fit_benchmark(args.fit_rows, args.baseline, Path(work))
+        return
     from threadpoolctl import threadpool_limits
 
     from cxrembed.heads.linear import LinearConfig, fit_logistic

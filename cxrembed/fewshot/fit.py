@@ -30,6 +30,7 @@ FIT_HEADS = ("linear", "mlp", "knn", "tip", "zeroshot", "adapted")
 #: Neighbours averaged for the out-of-distribution reference (and ``predict -k``'s check).
 OOD_K = 5
 OOD_MAX_ROWS = 2000  # val rows used for the reference percentile (a seeded sample)
+OOD_QUERY_BATCH = 250  # val queries searched at a time (bounds the exact scan's memory)
 
 
 def _fit_trained(kind: str, data: Any, config: FewShotConfig, shots: int | None, seed: int,
@@ -81,6 +82,7 @@ def ood_reference(store: Any, vectors_val: np.ndarray, k: int = OOD_K, seed: int
     """1st percentile of val images' mean cosine similarity to their k nearest train images."""
     from cxrembed.heads.base import unit_rows
     from cxrembed.search import search_vectors
+    from cxrembed.store import has_index, load_index
 
     n_train = int((store.split == "train").sum())
     if not len(vectors_val) or n_train < k:
@@ -88,9 +90,15 @@ def ood_reference(store: Any, vectors_val: np.ndarray, k: int = OOD_K, seed: int
     rng = np.random.default_rng(seed)
     pick = (np.sort(rng.choice(len(vectors_val), OOD_MAX_ROWS, replace=False))
             if len(vectors_val) > OOD_MAX_ROWS else np.arange(len(vectors_val)))
-    sims, _ = search_vectors(store, unit_rows(vectors_val[pick]), k,
-                             split="train")
-    mean_sim = sims.mean(axis=1)
+    # In batches of queries: an exact scan holds (queries x 32k stored rows) at a time,
+    # which for 2,000 queries was ~1.8 GB of a 100k-row store's fit. The index (if any)
+    # is loaded once.
+    loaded = load_index(store) if has_index(store.path) else None
+    queries = unit_rows(vectors_val[pick])
+    mean_sim = np.concatenate([
+        search_vectors(store, queries[start:start + OOD_QUERY_BATCH], k, split="train",
+                       loaded_index=loaded)[0].mean(axis=1)
+        for start in range(0, len(queries), OOD_QUERY_BATCH)])
     return {"k": k, "val_p01": float(np.percentile(mean_sim, 1)), "n_val": int(len(pick)),
             "neighbours_from": "train"}
 
@@ -133,8 +141,8 @@ def fit_head(store_path: str | os.PathLike, kind: str, *, shots: int | None = No
         names = list(store.label_names)
         head, rows_train, rows_val = _make_head(kind, data, config, shots, seed, all_rows,
                                                 options)
-        train_pair = ((data.vectors(rows_train)[0], data.labels[rows_train])
-                      if len(rows_train) else None)
+        train_pair = ((data.vectors(rows_train)[0], data.labels[rows_train])  # kept shots
+                      if kind in ("knn", "tip") and len(rows_train) else None)
         arrays = export_head(kind, head, train_pair, data.text)
         card = {
             "format": CARD_FORMAT, "format_version": CARD_VERSION, "kind": kind,

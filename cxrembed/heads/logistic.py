@@ -38,45 +38,65 @@ Objective = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class RowSpace:
-    """The centred row space of ``X``: ``features = (X - mean) @ basis`` (n, r), orthogonal
-    columns of norms ``singular``; ``w = basis @ theta`` and ``b = b_centred - mean @ w``."""
+    """The centred row space of ``X``: ``design = [(X - mean) @ basis, 1]`` (n, r+1), its
+    first r columns orthogonal with norms ``singular`` and orthogonal to the last (ones);
+    ``w = basis @ theta[:-1]`` and ``b = theta[-1] - mean @ w``."""
 
-    features: np.ndarray  # (n, r) = U S
+    design: np.ndarray  # (n, r + 1): U S, then a column of ones
     singular: np.ndarray  # (r,)
     basis: np.ndarray  # (D, r) = V
     mean: np.ndarray  # (D,)
 
     @classmethod
-    def of(cls, X: np.ndarray) -> "RowSpace":
+    def of(cls, X: np.ndarray, block: int = 8192) -> "RowSpace":
         X = np.asarray(X, dtype=np.float64)
         mean = X.mean(axis=0)
-        centred = X - mean
         n, d = X.shape
-        if n >= d:  # many rows: eigenvectors of the (D, D) Gram matrix, one pass over X
-            gram = centred.T @ centred
+        blocks = [slice(start, start + block) for start in range(0, n, block)]
+        if n >= d:  # many rows: eigenvectors of the (D, D) Gram matrix, in row blocks
+            gram = np.zeros((d, d))
+            for rows in blocks:
+                centred = X[rows] - mean
+                gram += centred.T @ centred
             eig, vecs = np.linalg.eigh(gram)
-            keep = eig > max(eig[-1], 0.0) * 1e-20
-            basis = vecs[:, keep][:, ::-1]
+            basis = vecs[:, eig > max(eig[-1], 0.0) * 1e-20][:, ::-1]
         else:
-            _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+            _, sing, vt = np.linalg.svd(X - mean, full_matrices=False)
             keep = sing > sing[0] * 1e-10 if len(sing) and sing[0] > 0 else sing > 0
             basis = vt[keep].T
-        features = centred @ basis
-        singular = np.sqrt(np.einsum("ij,ij->j", features, features))
-        return cls(features, singular, basis, mean)
+        design = np.empty((n, basis.shape[1] + 1))
+        for rows in blocks:
+            np.matmul(X[rows] - mean, basis, out=design[rows, :-1])
+        design[:, -1] = 1.0
+        singular = np.sqrt(np.einsum("ij,ij->j", design[:, :-1], design[:, :-1]))
+        return cls(design, singular, basis, mean)
 
     def coefficients(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``W`` (D, K) and ``b`` (K,) in the original coordinates from ``theta`` (r+1, K)."""
         w = self.basis @ theta[:-1]
         return w, theta[-1] - self.mean @ w
 
+    def curvature(self, T: np.ndarray, theta: np.ndarray, block: int = 8192) -> np.ndarray:
+        """The diagonal of the mean log-loss Hessian at ``theta``, (r+1, K): each row weighs
+        ``sigmoid(m) sigmoid(-m)`` there. In row blocks (no (n, r+1) temporary); float32,
+        as it only shapes the steps, never the optimum."""
+        out = np.zeros(theta.shape)
+        for start in range(0, len(T), block):
+            rows = self.design[start:start + block]
+            margin = T[start:start + block] * (rows @ theta)
+            with np.errstate(over="ignore"):  # cosh overflows to inf: weight 0, as it should
+                weight = np.abs(T[start:start + block]) / (2.0 + 2.0 * np.cosh(margin))
+            squared = np.square(rows, dtype=np.float32)
+            out += squared.T @ weight.astype(np.float32)
+        return out / len(T)
+
 
 def _objective(space: RowSpace, T: np.ndarray, ridge: np.ndarray, scale: np.ndarray
                ) -> Objective:
     """``fg(u (P, k), cols) -> (f (k,), grad_u (P, k))`` for the columns ``cols``, in the
     preconditioned coordinates ``u = theta * scale``."""
-    Z = np.hstack([space.features, np.ones((len(T), 1))])
-    n, r = len(T), space.features.shape[1]
+    Z = space.design
+    n, r = len(T), Z.shape[1] - 1
 
     def fg(u: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         full = len(cols) == T.shape[1]
@@ -194,12 +214,8 @@ def _solve(space: RowSpace, T: np.ndarray, C: np.ndarray, theta0: np.ndarray | N
     if theta0 is None:  # the Hessian's diagonal at w = 0 (every sigmoid 1/2: 1/4 a row)
         curvature = np.vstack([(space.singular ** 2 / (4.0 * n))[:, None] + ridge[None, :],
                                np.full((1, len(ridge)), 0.25)])
-    else:  # ... and at the start: each row weighs sigmoid(m) sigmoid(-m) there
-        Z = np.hstack([space.features, np.ones((n, 1))])
-        margin = T * (Z @ theta0)
-        with np.errstate(over="ignore"):  # cosh overflows to inf: weight 0, as it should
-            weight = np.abs(T) / (2.0 + 2.0 * np.cosh(margin))
-        curvature = (Z * Z).T @ weight / n
+    else:  # ... and at the start, where the previous C ended
+        curvature = space.curvature(T, theta0)
         curvature[:-1] += ridge
         curvature[-1] = np.maximum(curvature[-1], 1e-12)
     scale = np.sqrt(curvature)
