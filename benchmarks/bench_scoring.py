@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,8 @@ with threadpool_limits(1):
     best("zeroshot predict", lambda: zeroshot.predict(x))
 np.savez(out, **{k: np.asarray(v if not isinstance(v, dict) else [v["alpha"], v["beta"]],
                                dtype=np.float64) for k, v in results.items()})
+import cxrembed
+times["code"] = cxrembed.__file__
 print(json.dumps(times))
 """
 
@@ -99,9 +102,10 @@ def run_side(code: str, repeats: int, out: str) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = code + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
+    # cwd: a folder without a cxrembed package (python -c puts the cwd first on sys.path)
     done = subprocess.run([sys.executable, "-c", CHILD, str(N_TEST), str(N_PATIENTS),
                            str(DIM), str(repeats), out], env=env, capture_output=True,
-                          text=True, timeout=1800)
+                          text=True, timeout=1800, cwd=os.path.dirname(out))
     if done.returncode:
         raise RuntimeError(f"benchmark with {code} failed: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -115,7 +119,11 @@ def main() -> None:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
         load = os.getloadavg()[0]
-        old = run_side(extract(args.baseline), args.repeats, os.path.join(tmp, "old.npz"))
+        old_code = extract(args.baseline)
+        try:
+            old = run_side(old_code, args.repeats, os.path.join(tmp, "old.npz"))
+        finally:
+            shutil.rmtree(old_code, ignore_errors=True)
         new = run_side(here, args.repeats, os.path.join(tmp, "new.npz"))
         old_out, new_out = np.load(os.path.join(tmp, "old.npz")), np.load(os.path.join(tmp,
                                                                                   "new.npz"))
@@ -123,6 +131,7 @@ def main() -> None:
               f"{args.repeats} CPU times; load {load:.1f} before, {os.getloadavg()[0]:.1f} "
               f"after ({os.cpu_count()} cores)")
         print(f"{'':26s} {'old ms':>9s} {'new ms':>9s} {'ratio':>7s}  max |old - new|")
+        print(f"old: {old.pop('code')}\nnew: {new.pop('code')}")
         for name in old:
             a, b = old_out[name], new_out[name]
             same = np.array_equal(np.isnan(a), np.isnan(b))
