@@ -147,7 +147,8 @@ def fit_all(store: Path, out: Path, code: Path) -> dict:
             "--head", "linear", "--all", "--out", str(out), "--overwrite"]
     env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, env=env, cwd=code,  # cwd: `-c` puts it first on sys.path
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):

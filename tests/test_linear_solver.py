@@ -95,3 +95,17 @@ def test_the_head_keeps_the_solution_of_the_C_it_selects():
         scale = max(1.0, np.abs(coef).max())
         np.testing.assert_allclose(head.coef_[:, c], coef, atol=2e-3 * scale)
     assert head.selected["unfittable"] == list(range(5, 14))
+
+
+def test_predict_many_gives_each_heads_own_scores():
+    x, y = rows_and_labels(200, seed=9)
+    y14 = np.zeros((200, 14), np.uint8)
+    y14[:, :5] = y
+    heads = [make_head("linear", default_C=C).fit(x[:100], y14[:100]) for C in (0.1, 10.0)]
+    queries = 3.0 * x[100:].astype(np.float32)  # any norm: scored as unit vectors
+    many = type(heads[0]).predict_many(heads, queries)
+    unit = x[100:] / np.linalg.norm(x[100:], axis=1, keepdims=True)
+    for head, scores in zip(heads, many):
+        assert scores.shape == (100, 14)
+        np.testing.assert_allclose(scores, unit @ head.coef_ + head.intercept_, atol=1e-5)
+    assert not np.allclose(many[0], many[1])

@@ -98,8 +98,17 @@ class LinearHead:
 
     def predict(self, X: Any) -> np.ndarray:
         """``(n, 14)`` decision values ``x . w + b`` (monotone in the probability)."""
-        if self.coef_ is None:
+        return self.predict_many([self], X)[0]
+
+    @classmethod
+    def predict_many(cls, heads: list["LinearHead"], X: Any) -> list[np.ndarray]:
+        """Every head's decision values on the same ``X``: the input is checked and its
+        norms computed once, and one product serves every head (the sweep's seeds)."""
+        if any(h.coef_ is None for h in heads):
             raise ConfigError("linear head: call fit before predict")
         X, _ = check_xy(X)
-        scores = (X @ self.coef_.astype(np.float32)) * inverse_norms(X)
-        return scores.astype(np.float64) + self.intercept_
+        coef = np.concatenate([h.coef_ for h in heads], axis=1).astype(np.float32)
+        scores = ((X @ coef) * inverse_norms(X)).astype(np.float64)
+        width = heads[0].coef_.shape[1]
+        return [scores[:, i * width:(i + 1) * width] + h.intercept_
+                for i, h in enumerate(heads)]
