@@ -33,7 +33,10 @@ log = logging.getLogger(__name__)
 
 #: BLAS/torch threads for the heads' test predictions (fits keep to one: a stream of tiny
 #: products). The scoring thread runs beside them; ``benchmarks/bench_fewshot.py
-#: --predict-threads`` measures the alternatives. Results do not depend on it.
+#: --predict-threads`` measures the alternatives. Measured at NIH size on the shared
+#: 2-core machine (load 9-11): 2 threads took 75 s CPU and 679 s wall for the sweep
+#: against 58 s and 282 s with 1 (a 10-member training step likewise: 17.5 ms CPU with
+#: 1 thread, 70-123 ms with 2 at load 5). Scores differ only by float rounding (tested).
 PREDICT_THREADS = 1
 
 
