@@ -30,7 +30,7 @@ FIT_HEADS = ("linear", "mlp", "knn", "tip", "zeroshot", "adapted")
 #: Neighbours averaged for the out-of-distribution reference (and ``predict -k``'s check).
 OOD_K = 5
 OOD_MAX_ROWS = 2000  # val rows used for the reference percentile (a seeded sample)
-OOD_QUERY_BATCH = 250  # val queries searched at a time (bounds the exact scan's memory)
+OOD_QUERY_BATCH = 500  # val queries searched at once: bounds the exact scan's memory
 
 
 def _fit_trained(kind: str, data: Any, config: FewShotConfig, shots: int | None, seed: int,
