@@ -79,6 +79,27 @@ def agree_on_start(here: Launch, marker: Path, check: Callable[[], Any],
     return state["state"]
 
 
+def joined_state(out: Path, *, thing: str, one_process: str,
+                 error: type[CxrembedError]) -> str | None:
+    """``complete`` when ``out`` (a store or a pixel cache: ``thing``) is finished, None
+    when there is none; ``error`` for an unreadable file or an unfinished one, which only
+    the one-process command (``one_process``) that started it can continue."""
+    import h5py
+
+    if not out.exists():
+        return None
+    try:
+        with h5py.File(out, "r") as f:
+            complete = bool(f.attrs.get("complete", False))
+    except OSError as exc:
+        raise error(f"{out} exists but is not a readable {thing} ({exc}); pass --overwrite "
+                    "to replace it") from None
+    if not complete:
+        raise error(f"{thing} {out} was started by a one-process {one_process}; continue it "
+                    "with the same command without torchrun, or pass --overwrite")
+    return "complete"
+
+
 def write_marker(marker: Path, here: Launch, rows: int, result: dict | None) -> None:
     from cxrembed.files import atomic_write_text
 

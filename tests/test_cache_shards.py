@@ -79,6 +79,20 @@ def data_with_a_bad_image(twin, tmp_path) -> tuple[Path, str]:
     return root, str(dataset.image_id[50])
 
 
+
+def _three_shards(dataset, folder, *, skip_bad: bool) -> list:
+    """The shards three ranks build of ``dataset`` (``px.h5.shard-R-of-3.h5``), built here
+    in one process by the one-process cache code, as each rank does."""
+    parts = []
+    for rank in range(3):
+        start, stop = rank_share(len(dataset), 3, rank)
+        parts.append(folder / f"px.h5.shard-{rank}-of-3.h5")
+        build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
+                        decoder="opencv", workers=0, overwrite=False, progress=False,
+                        skip_bad=skip_bad)
+    return parts
+
+
 def test_shards_joined_either_way_read_as_one_cache(data_with_a_bad_image, tmp_path):
     """Shards of consecutive rows, joined as a virtual dataset or by copy, read as the
     one-process cache does; a virtual cache whose shard is gone is refused, naming it."""
@@ -86,13 +100,7 @@ def test_shards_joined_either_way_read_as_one_cache(data_with_a_bad_image, tmp_p
     dataset = load_nih(root).subset(np.arange(60))
     one = build_pixel_cache(dataset, tmp_path / "one.h5", workers=0, progress=False,
                             skip_bad=True)
-    parts = []
-    for rank in range(3):
-        start, stop = rank_share(len(dataset), 3, rank)
-        parts.append(tmp_path / f"px.h5.shard-{rank}-of-3.h5")
-        build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
-                        decoder="opencv", workers=0, overwrite=False, progress=False,
-                        skip_bad=True)
+    parts = _three_shards(dataset, tmp_path, skip_bad=True)
     for how in ("virtual", "copy"):
         joined = join_caches(tmp_path / f"{how}.h5", parts, how)
         assert_same_cache(joined, one)
@@ -123,13 +131,7 @@ def test_shards_of_another_process_count_are_refused_unless_they_are_the_cache(t
 
     dataset = load_nih(twin).subset(np.arange(30))
     out = tmp_path / "px.h5"
-    parts = []
-    for rank in range(3):
-        start, stop = rank_share(len(dataset), 3, rank)
-        parts.append(tmp_path / f"px.h5.shard-{rank}-of-3.h5")
-        build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
-                        decoder="opencv", workers=0, overwrite=False, progress=False,
-                        skip_bad=False)
+    parts = _three_shards(dataset, tmp_path, skip_bad=False)
     options = dict(size=224, decoder="opencv", workers=0, overwrite=False, progress=False,
                    skip_bad=False)
     refused = r"3 shard\(s\) of an earlier pixel cache .* with 3 processes .* --nproc_per_node 3"
@@ -187,3 +189,27 @@ def test_two_ranks_cache_as_one_process_and_a_killed_rank_resumes(data_with_a_ba
     assert_same_cache(out, reference)
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "px.h5", "px.h5.shard-0-of-2.h5", "px.h5.shard-1-of-2.h5"]  # markers removed
+
+
+def test_joined_state_says_what_to_do_with_an_unfinished_or_unreadable_file(tmp_path):
+    """Before a sharded run, rank 0 looks at ``--out``: absent, finished, or a file only a
+    one-process run can continue (or not HDF5 at all), each refused with what to run."""
+    import h5py
+
+    from cxrembed import sharding
+    from cxrembed.errors import DataError
+
+    out = tmp_path / "px.h5"
+    check = dict(thing="pixel cache", one_process="`cxrembed cache`", error=DataError)
+    assert sharding.joined_state(out, **check) is None
+    with h5py.File(out, "w") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(DataError, match="started by a one-process `cxrembed cache`; continue "
+                       "it with the same command without torchrun, or pass --overwrite"):
+        sharding.joined_state(out, **check)
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = True
+    assert sharding.joined_state(out, **check) == "complete"
+    out.write_bytes(b"not hdf5")
+    with pytest.raises(DataError, match="not a readable pixel cache .*pass --overwrite"):
+        sharding.joined_state(out, **check)

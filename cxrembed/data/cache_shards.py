@@ -67,7 +67,8 @@ def build_cache_shards(dataset, out: Path, here: Launch, *, size: int, decoder: 
         if overwrite:
             out.unlink(missing_ok=True)
             sharding.remove_all_shards(out)
-        state = _joined_state(out)
+        state = sharding.joined_state(out, thing="pixel cache",
+                                      one_process="`cxrembed cache`", error=DataError)
         if state is None:  # a joined cache's own shards are its data, not stale ones
             sharding.refuse_other_world_shards(out, here.world_size, what="pixel cache",
                                                resume="", error=DataError)
@@ -106,26 +107,6 @@ def _ranks_on_this_node() -> int:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
     except ValueError:
         return 1
-
-
-def _joined_state(out: Path) -> str | None:
-    """``complete`` for a finished cache at ``out``, None when there is none; DataError
-    for an unfinished one (a one-process build's: only it can continue it)."""
-    import h5py
-
-    if not out.exists():
-        return None
-    try:
-        with h5py.File(out, "r") as f:
-            complete = bool(f.attrs.get("complete", False))
-    except OSError as exc:
-        raise DataError(f"{out} exists but is not a readable pixel cache ({exc}); pass "
-                        "--overwrite to replace it") from None
-    if not complete:
-        raise DataError(f"pixel cache {out} was started by a one-process `cxrembed cache`; "
-                        "continue it with the same command without torchrun, or pass "
-                        "--overwrite")
-    return "complete"
 
 
 def _check_shard_images(shard: Path, ids: np.ndarray, here: Launch) -> None:

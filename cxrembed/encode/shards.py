@@ -54,7 +54,8 @@ def encode_shards(options: dict[str, Any], here: Launch) -> Any:
             _remove_joined(out)
         else:
             _refuse_other_world_shards(out, here.world_size)
-        return _joined_state(out)
+        return sharding.joined_state(out, thing="store", one_process="encode",
+                                     error=StoreError)
 
     joined = sharding.agree_on_start(here, marker, check, StoreError)
     if joined == "complete":  # rank 0 checks it (and builds a missing index), alone
@@ -92,24 +93,6 @@ def _refuse_other_world_shards(out: Path, world_size: int) -> None:
     they can only be continued by that number, or removed (--overwrite)."""
     sharding.refuse_other_world_shards(out, world_size, what="encode", resume=" --resume",
                                        error=StoreError)
-
-
-def _joined_state(out: Path) -> str | None:
-    """``complete`` when ``out`` is a finished store, None when there is none; StoreError
-    for an unfinished one (a one-process encode's: only it can continue it)."""
-    import h5py
-
-    if not out.exists():
-        return None
-    try:
-        with h5py.File(out, "r") as f:
-            complete = bool(f.attrs.get("complete"))
-    except OSError as exc:
-        raise StoreError(f"cannot read store {out}: {exc}; pass --overwrite") from exc
-    if not complete:
-        raise StoreError(f"store {out} was started by a one-process encode; continue it "
-                         "with the same command without torchrun, or pass --overwrite")
-    return "complete"
 
 
 def _load_checked(options: dict, dataset: Any) -> Any:
