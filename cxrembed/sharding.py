@@ -17,7 +17,9 @@ Shards of a run with another number of processes cover other rows, so they are r
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,7 @@ from cxrembed.distributed import Launch, broadcast_object, process_group, timeou
 from cxrembed.errors import CxrembedError
 
 POLL_SECONDS = 0.5
+SHARD_NAME = r"\.shard-(\d+)-of-(\d+)\.h5"  # what follows OUT's own name
 
 
 def shard_path(out: Path, rank: int, world_size: int) -> Path:
@@ -38,8 +41,19 @@ def done_path(shard: Path) -> Path:
 
 
 def all_shards(out: Path) -> list[Path]:
-    """Every shard file of ``out`` (any world size; not the markers), sorted."""
-    return sorted(out.parent.glob(f"{out.name}.shard-*-of-*.h5"))
+    """Every shard file of ``out`` (any world size; not the markers), sorted; a file
+    whose name only looks like one (``OUT.shard-a-of-b.h5``) is none."""
+    return sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}.shard-*-of-*.h5")
+                  if _world_of(out, p) is not None)
+
+
+def _world_of(out: Path, shard: Path, suffix: str = "") -> int | None:
+    """The world size in the name of a shard of ``out`` followed by ``suffix`` (a regex;
+    None: not such a name)."""
+    name = shard.name
+    found = (re.fullmatch(SHARD_NAME + suffix, name[len(out.name):])
+             if name.startswith(out.name) else None)
+    return int(found[2]) if found else None
 
 
 def refuse_other_world_shards(out: Path, world_size: int, *, what: str,
@@ -47,9 +61,9 @@ def refuse_other_world_shards(out: Path, world_size: int, *, what: str,
     """``error`` when shards of ``out`` made by another number of processes are there:
     they can only be continued by that number (``resume``: the flag that does it, e.g.
     ``" --resume"``), or removed (``--overwrite``)."""
-    other = [p for p in all_shards(out) if not p.name.endswith(f"-of-{world_size}.h5")]
+    other = [p for p in all_shards(out) if _world_of(out, p) != world_size]
     if other:
-        worlds = sorted({p.name.rsplit("-of-", 1)[1][:-3] for p in other}, key=int)
+        worlds = [str(w) for w in sorted({_world_of(out, p) for p in other})]
         raise error(
             f"{len(other)} shard(s) of an earlier {what} into {out} with "
             f"{' or '.join(worlds)} processes are there (first: {other[0]}); continue it "
@@ -140,6 +154,7 @@ def remove_markers(out: Path, world_size: int) -> None:
 
 def remove_all_shards(out: Path) -> None:
     """Every shard and marker of ``out`` (any world size), and a half-written join."""
-    for stale in out.parent.glob(f"{out.name}.shard-*-of-*.h5*"):
-        stale.unlink(missing_ok=True)
+    for stale in out.parent.glob(f"{glob.escape(out.name)}.shard-*-of-*.h5*"):
+        if _world_of(out, stale, r"(\..*)?") is not None:  # a shard, its marker, its temp
+            stale.unlink(missing_ok=True)
     out.with_name(out.name + ".joining").unlink(missing_ok=True)

@@ -140,3 +140,23 @@ def test_cache_of_other_preprocessing_is_refused(twin, tmp_path):
         f.attrs["preprocessing"] = '{"decode": "something else"}'
     with pytest.raises(DataError, match="other preprocessing"):
         PixelCache(path)
+    with pytest.raises(DataError, match=r"px\.h5 holds pixels decoded with other "
+                                        r"preprocessing .*pass --overwrite"):  # nor resumed
+        build_pixel_cache(ds.subset(np.arange(10)), path, workers=0, progress=False)
+
+
+def test_cache_command_prints_the_pixels_the_cache_holds(twin, tmp_path):
+    """A cache reused for a smaller dataset (one view of it) holds every image it was
+    built with: the size printed counts those pixels (240 x 224 x 224 bytes = 11.5 MiB)."""
+    from typer.testing import CliRunner
+
+    from cxrembed.cli.common import app
+
+    out = build_pixel_cache(load_nih(twin), tmp_path / "px.h5", workers=0, progress=False)
+    pa = len(load_nih(twin, view="PA"))
+    assert 0 < pa < 240
+    result = CliRunner().invoke(app, ["cache", str(twin), "--out", str(out), "--view",
+                                      "PA", "--workers", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"cached {pa} images in" in result.output
+    assert "(11.5 MiB of pixels)" in " ".join(result.output.split())

@@ -80,13 +80,13 @@ def data_with_a_bad_image(twin, tmp_path) -> tuple[Path, str]:
 
 
 
-def _three_shards(dataset, folder, *, skip_bad: bool) -> list:
-    """The shards three ranks build of ``dataset`` (``px.h5.shard-R-of-3.h5``), built here
+def _three_shards(dataset, folder, *, skip_bad: bool, name: str = "px.h5") -> list:
+    """The shards three ranks build of ``dataset`` (``NAME.shard-R-of-3.h5``), built here
     in one process by the one-process cache code, as each rank does."""
     parts = []
     for rank in range(3):
         start, stop = rank_share(len(dataset), 3, rank)
-        parts.append(folder / f"px.h5.shard-{rank}-of-3.h5")
+        parts.append(folder / f"{name}.shard-{rank}-of-3.h5")
         build_one_cache(dataset.subset(np.arange(start, stop)), parts[-1], size=224,
                         decoder="opencv", workers=0, overwrite=False, progress=False,
                         skip_bad=skip_bad)
@@ -151,6 +151,82 @@ def test_shards_of_another_process_count_are_refused_unless_they_are_the_cache(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["px.h5"]
     cache = PixelCache(out)
     assert len(cache) == 30 and cache.done.all()
+
+
+def test_shards_of_other_preprocessing_are_neither_joined_nor_resumed(twin, tmp_path):
+    """Shards decoded by another cxrembed (other preprocessing or format attribute), e.g.
+    left by a torchrun build interrupted before an upgrade, are refused by the join
+    (which would stamp them as current) and by the resume, naming the file and
+    --overwrite; a one-process cache of other preprocessing is not resumed either."""
+    dataset = load_nih(twin).subset(np.arange(12))
+    parts = _three_shards(dataset, tmp_path, skip_bad=False)
+    with h5py.File(parts[1], "a") as f:
+        f.attrs["preprocessing"] = '{"decode": "something else"}'
+    for how in ("virtual", "copy"):
+        with pytest.raises(DataError, match=r"px\.h5\.shard-1-of-3\.h5 holds pixels decoded "
+                                            r"with other preprocessing .*pass --overwrite"):
+            join_caches(tmp_path / "px.h5", parts, how)
+    assert not (tmp_path / "px.h5").exists()
+    start, stop = rank_share(len(dataset), 3, 1)
+    options = dict(size=224, decoder="opencv", workers=0, overwrite=False, progress=False,
+                   skip_bad=False)
+    with pytest.raises(DataError, match=r"shard-1-of-3\.h5 holds pixels .*--overwrite"):
+        build_one_cache(dataset.subset(np.arange(start, stop)), parts[1], **options)  # a rank
+    with h5py.File(parts[2], "a") as f:  # the current preprocessing, another format
+        f.attrs["format"] = 0
+    with pytest.raises(DataError, match=r"shard-2-of-3\.h5 holds pixels .*format 0"):
+        build_one_cache(dataset.subset(np.arange(stop, len(dataset))), parts[2], **options)
+    with pytest.raises(DataError, match=r"shard-2-of-3\.h5 holds pixels .*format 0"):
+        join_caches(tmp_path / "px.h5", [parts[0], parts[2]])
+    with pytest.raises(DataError, match=r"shard-1-of-3\.h5 holds pixels"):  # one process
+        build_pixel_cache(dataset.subset(np.arange(start, stop)), parts[1], workers=0,
+                          progress=False)
+
+
+def test_shard_names_are_matched_literally(tmp_path):
+    """``--out`` is a file name, not a pattern: shards of ``px[1].h5`` are found (refused
+    or removed as they should be), those of ``px1.h5`` are not, and a file whose name only
+    looks like a shard's (``px[1].h5.shard-a-of-b.h5``) is left alone, not a traceback."""
+    from cxrembed import sharding
+
+    out = tmp_path / "px[1].h5"
+    names = [f"px[1].h5.shard-{r}-of-3.h5" for r in range(3)] + [
+        "px[1].h5.shard-0-of-3.h5.done", "px[1].h5.shard-2-of-3.h5.tmp",
+        "px[1].h5.shard-a-of-b.h5", "px1.h5.shard-0-of-2.h5", "px[1].h5.shard-1-of-2.h5x"]
+    for name in names:
+        (tmp_path / name).touch()
+    assert [p.name for p in sharding.all_shards(out)] == names[:3]
+    refused = r"3 shard\(s\) of an earlier pixel cache .*with 3 processes.* start over with 2"
+    with pytest.raises(DataError, match=refused):
+        sharding.refuse_other_world_shards(out, 2, what="pixel cache", resume="",
+                                           error=DataError)
+    sharding.refuse_other_world_shards(out, 3, what="pixel cache", resume="", error=DataError)
+    sharding.remove_all_shards(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[-3:])
+
+
+def test_a_failed_overwrite_leaves_no_cache_pointing_at_removed_shards(twin, tmp_path,
+                                                                        monkeypatch):
+    """One-process --overwrite of a virtual cache removes the cache with its shards: when
+    the new build then fails (here: no space), no cache is left whose shards are gone.
+    Its shards are found although its name holds a glob character."""
+    import cxrembed.data.cache as cache_mod
+
+    dataset = load_nih(twin).subset(np.arange(12))
+    out = tmp_path / "px[1].h5"
+    join_caches(out, _three_shards(dataset, tmp_path, skip_bad=False, name=out.name))
+
+    def no_space(*args):
+        raise DataError("not enough space")
+
+    monkeypatch.setattr(cache_mod, "check_space", no_space)
+    with pytest.raises(DataError, match="not enough space"):
+        build_pixel_cache(dataset, out, workers=0, progress=False, overwrite=True)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    build_pixel_cache(dataset, out, workers=0, progress=False, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert PixelCache(out).done.all()
 
 
 @pytest.mark.slow

@@ -102,9 +102,14 @@ def cache(
     for image_id, reason in skipped.items():
         console.print(f"[yellow]skipped[/] {image_id}: {reason}", highlight=False,
                       soft_wrap=True)
-    # The pixels' size: a cache joined as a virtual dataset is a small file over its shards.
+    # The pixels' size, not the file's: a cache joined as a virtual dataset is a small file
+    # over its shards, and a reused cache may hold more images than the dataset.
     console.print(f"[green]cached[/] {len(dataset):,} images in {path} "
-                  f"({len(dataset) * cached.size ** 2 / 2**30:.2f} GiB of pixels)")
+                  f"({_size(len(cached) * cached.size ** 2)} of pixels)")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _show_summary(summary: dict, json_out: bool) -> None:

@@ -61,6 +61,7 @@ def _cache_rows(out: Path, ids: np.ndarray, size: int, decoder: str) -> np.ndarr
     try:
         with h5py.File(out, "r") as f:
             same = f.attrs.get("size") == size and f.attrs.get("decoder") == decoder
+            refuse_other_encoding(out, f.attrs)
             cached = f["image_id"].asstr()[:]
     except (OSError, KeyError) as exc:
         raise DataError(f"{out} exists but is not a readable pixel cache ({exc}); "
@@ -78,6 +79,18 @@ def _cache_rows(out: Path, ids: np.ndarray, size: int, decoder: str) -> np.ndarr
         log.info("%d images of cache %s are no longer in the dataset; they stay uncached",
                  len(cached) - len(ids), out)
     return np.fromiter((row[name] for name in ids), np.int64, count=len(ids))
+
+
+def refuse_other_encoding(path: Path, attrs) -> None:
+    """DataError when the cache (or shard) at ``path`` holds pixels of another format or
+    preprocessing than this cxrembed writes: resuming or joining it would mix them, or
+    stamp them as current."""
+    stored = attrs.get("preprocessing")
+    current = stored is not None and json.loads(stored) == PREPROCESSING
+    if attrs.get("format") != CACHE_FORMAT or not current:
+        raise DataError(f"{path} holds pixels decoded with other preprocessing or format "
+                        f"({stored}, format {attrs.get('format')}) than this cxrembed's; pass "
+                        "--overwrite to decode them again, or choose another --out")
 
 
 def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int = IMAGE_SIZE,
@@ -117,8 +130,10 @@ def build_pixel_cache(dataset: NIHDataset, out: str | os.PathLike, *, size: int 
                                   skip_bad=skip_bad, join=join)
     from cxrembed import sharding
 
-    if overwrite:
-        sharding.remove_all_shards(out)  # a joined cache's shards go with it
+    if overwrite:  # a joined cache goes with its shards, never left pointing at none
+        if sharding.all_shards(out):
+            out.unlink(missing_ok=True)
+        sharding.remove_all_shards(out)
     elif not _is_complete(out):
         sharding.refuse_other_world_shards(out, 1, what="pixel cache", resume="",
                                            error=DataError)

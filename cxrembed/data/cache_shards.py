@@ -173,9 +173,14 @@ def join_caches(out: Path, parts: list[Path], join: str = "virtual") -> Path:
 
 
 def _check_parts(parts: list[Path], files: list) -> None:
+    """The parts are complete, agree, and hold pixels of this cxrembed's preprocessing
+    (the joined file is stamped with it)."""
+    from cxrembed.data.cache import refuse_other_encoding
+
     for path, f in zip(parts, files):
         if not f.attrs.get("complete", False):
             raise DataError(f"shard {path} is not complete; run the same command again")
+        refuse_other_encoding(path, f.attrs)
         for key in SAME_IN_EVERY_SHARD:
             if f.attrs.get(key) != files[0].attrs.get(key):
                 raise DataError(f"shards {parts[0]} and {path} differ in {key}; they are not "
