@@ -174,10 +174,8 @@ def test_a_tie_within_two_standard_errors_centres_a_clear_loss_does_not():
 @pytest.mark.parametrize("pool", [None, 150])
 def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch, pool):
     """finding-status precision@10, raw and centred, on every labelled row (N < sample);
-    with ``pool``, neighbours among that seeded sample of rows (as in a store of over
-    NEIGHBOUR_POOL rows)."""
-    from cxrembed.store.health import sample_rows
-
+    with ``pool``, neighbours among a seeded sample of whole spans of the store (as in a
+    store of over NEIGHBOUR_POOL rows), reading those spans only."""
     monkeypatch.setattr(centring_mod, "BLOCK", 200)  # queries read across blocks
     monkeypatch.setattr(centring_mod, "SCORE_BLOCK", 128)  # top-k merged across blocks
     if pool is not None:
@@ -186,8 +184,12 @@ def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch, pool):
         x, labels, patients = store.embeddings(), store.labels, store.patient_id
         recorded = store.attrs[RECORD_ATTR]
     y = labels.astype(bool)
-    cols = np.arange(N) if pool is None else sample_rows(np.arange(N), pool, 1)
-    assert len(cols) == (N if pool is None else pool)
+    if pool is None:
+        cols = np.arange(N)
+    else:  # whole 128-row spans of the store, seeded, about `pool` rows: 2 of the 8 spans
+        spans = np.sort(np.random.default_rng(1).choice(8, 2, replace=False))
+        cols = np.concatenate([np.arange(b * 128, min(N, (b + 1) * 128)) for b in spans])
+    read_spans = []
     per_query = {}
     for name, v in (("raw", x.astype(np.float64)), ("centred", unit(x - x.mean(axis=0)))):
         sims = v @ v[cols].T
@@ -199,9 +201,13 @@ def test_the_figure_equals_a_numpy_brute_force(store_path, monkeypatch, pool):
     figures = {name: float(v.mean()) for name, v in per_query.items()}
     diff = per_query["centred"] - per_query["raw"]
     stderr = diff.std(ddof=1) / np.sqrt(N)
-    got = measure_centring(lambda a, b: x[a:b], N, labels, np.ones_like(labels), patients,
-                           x.mean(axis=0))
+    got = measure_centring(lambda a, b: (read_spans.append((a, b)), x[a:b])[1], N, labels,
+                           np.ones_like(labels), patients, x.mean(axis=0))
     assert got["queries"] == N and got["pool_rows"] == len(cols)
+    assert max(b - a for a, b in read_spans) <= 128  # memory bounded by the block
+    if pool is not None:  # the pool's spans and the queries' rows only, never the rest
+        neighbour_reads = sum(b - a for a, b in read_spans) - N
+        assert neighbour_reads == len(cols)
     assert got["raw"] == pytest.approx(figures["raw"], abs=1e-4)
     assert got["centred"] == pytest.approx(figures["centred"], abs=1e-4)
     assert got["stderr"] == pytest.approx(stderr, abs=1e-4)

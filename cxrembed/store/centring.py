@@ -13,8 +13,9 @@ on the store itself when it is encoded, and recorded in its attributes:
 
 ``finding-status precision@10``: for a seeded sample of up to 2,000 labelled rows, each a
 query against every row of another patient (exact search; in a store of more than
-1,000,000 rows, against a seeded sample of 1,000,000 of them, so that the figure costs at
-most 2,000 x 1M x 2 dot products whatever the store's size), the share of its 10
+1,000,000 rows, against the rows of a seeded sample of 2,048-row spans of it, about
+1,000,000 rows, so that the figure reads and compares about as many rows whatever the
+store's size), the share of its 10
 neighbours that match its finding status: a neighbour sharing at least one of its
 positive labels for a query with findings, a neighbour with no finding for a No Finding
 query. It is label precision@10 with "No Finding" counted as a label. It decides, rather
@@ -58,8 +59,8 @@ K = 10
 QUERY_SAMPLE = 2000
 SEED = 0
 BLOCK = 16_384  # rows read per step
-SCORE_BLOCK = 2_048  # rows each query is compared with per step (bounds the figure's memory)
-NEIGHBOUR_POOL = 1_000_000  # most rows the figure's exact search looks among (seeded sample)
+SCORE_BLOCK = 2_048  # rows read and compared with the queries per step (bounds the memory)
+NEIGHBOUR_POOL = 1_000_000  # rows past which the neighbours come from a sample of blocks
 
 #: read(start, stop) -> float32 unit vectors of rows start..stop-1
 BlockReader = Callable[[int, int], np.ndarray]
@@ -113,16 +114,34 @@ def finding_status(labels: np.ndarray, known: np.ndarray, queries: np.ndarray,
     return match.mean(axis=1)
 
 
+def neighbour_pool(kept: np.ndarray, seed: int) -> np.ndarray:
+    """Rows (ascending) the figure's exact search looks among: every kept row or, when there
+    are more than ``NEIGHBOUR_POOL``, the kept rows of a seeded sample of whole
+    ``SCORE_BLOCK``-row spans of the store (about ``NEIGHBOUR_POOL`` rows), so that the
+    figure reads those spans only: its time and memory stop growing with the store."""
+    rows = np.flatnonzero(kept)
+    if len(rows) <= NEIGHBOUR_POOL:
+        return rows
+    spans = -(-len(kept) // SCORE_BLOCK)
+    chosen = np.zeros(spans, bool)
+    chosen[np.random.default_rng(seed).choice(spans, min(spans, -(-NEIGHBOUR_POOL //
+                                                                   SCORE_BLOCK)),
+                                              replace=False)] = True
+    return rows[chosen[rows // SCORE_BLOCK]]
+
+
 def _exact_top(read: BlockReader, pool: np.ndarray, patients: np.ndarray, queries: np.ndarray,
                q_raw: np.ndarray, mean: np.ndarray, k: int
                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Exact top-``k`` (similarities, rows) of each query among the ``pool`` rows (ascending)
-    of other patients, raw and centred, ``SCORE_BLOCK`` pool rows at a time."""
+    of other patients, raw and centred, one ``SCORE_BLOCK``-row span of the store at a
+    time (only the spans that hold pool rows are read)."""
     q_cen = centre(q_raw, mean)
     empty = (np.full((len(queries), 0), -np.inf, np.float32), np.zeros((len(queries), 0), int))
     best = {"raw": empty, "centred": empty}
-    for i in range(0, len(pool), SCORE_BLOCK):
-        rows = pool[i:i + SCORE_BLOCK]
+    for rows in np.split(pool, np.flatnonzero(np.diff(pool // SCORE_BLOCK)) + 1):
+        if not len(rows):
+            continue
         block = read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
         banned = patients[queries][:, None] == patients[None, rows]
         for name, q, x in (("raw", q_raw, block), ("centred", q_cen, centre(block, mean))):
@@ -138,8 +157,8 @@ def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.nd
     """The ``search_centring`` record: the figure raw and centred, and the choice.
 
     Queries: a seeded sample of rows whose finding status is known (a known positive, or
-    every label known); neighbours: exact top-``k`` among rows of other patients (among a
-    seeded sample of ``NEIGHBOUR_POOL`` kept rows when the store has more).
+    every label known); neighbours: exact top-``k`` among rows of other patients (among
+    :func:`neighbour_pool`'s sample of blocks when the store has over ``NEIGHBOUR_POOL``).
     """
     from cxrembed.store.health import sample_rows
 
@@ -154,13 +173,10 @@ def measure_centring(read: BlockReader, n: int, labels: np.ndarray, known: np.nd
     if len(queries) < 2 or kept.sum() <= k:
         return {**record, "raw": None, "centred": None, "difference": None, "stderr": None,
                 "centre": False, "why": "too few labelled rows to measure: not centred"}
-    q_raw = np.empty((len(queries), len(mean)), np.float32)
-    for start in range(0, n, BLOCK):  # the query vectors, read in the same blocks
-        stop = min(n, start + BLOCK)
-        inside = (queries >= start) & (queries < stop)
-        if inside.any():
-            q_raw[inside] = read(start, stop)[queries[inside] - start]
-    pool = sample_rows(np.flatnonzero(kept), NEIGHBOUR_POOL, seed + 1)
+    q_raw = np.concatenate([read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]  # spans
+                            for rows in np.split(queries, np.flatnonzero(  # <= SCORE_BLOCK
+                                np.diff(queries // SCORE_BLOCK)) + 1)]).astype(np.float32)
+    pool = neighbour_pool(kept, seed + 1)
     record["pool_rows"] = int(len(pool))
     best = _exact_top(read, pool, patients, queries, q_raw, mean, k)
     figures = {}
