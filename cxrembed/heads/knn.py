@@ -122,7 +122,9 @@ class KNNHead:
         """Similarities and shot indices ``(n, k)`` of each query's nearest shots.
         ``similarity``: the queries' cosine similarities to the shots ``(n, shots)``, in
         fit order, when the caller has them (the sweep shares them with Tip-Adapter):
-        the k largest are taken from it instead of a FAISS search."""
+        the k largest are taken from it instead of a FAISS search. The two paths agree
+        except at exact ties for the k-th place (duplicate shots): :func:`top_k` keeps the
+        earliest tied shots, FAISS's heap whichever it met first."""
         if self._index is None:
             raise ConfigError("knn head: call fit before predict")
         k = self.selected["k"]

@@ -12,7 +12,7 @@ weight decay 1e-2 (betas 0.9/0.999, as torch); at most 20 epochs; the epoch kept
 with the best mean AUC on the few-shot val sample (a real copy of its weights), with
 patience 5; without a val sample the last epoch is kept.
 
-Speed: :meth:`MLPHead.fit_many` trains several heads (the sweep: every seed of every shot
+Speed: :meth:`MLPHead.fit_many` trains several heads (the sweep: every seed of one shot
 count) as one stacked model (:mod:`cxrembed.heads.mlp_train`): batched matrix products,
 torch's AdamW kernel on each member's slice, work only for the members that have a batch
 at a step. A member's training does not depend on who it is batched with (up to float

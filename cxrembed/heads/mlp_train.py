@@ -12,9 +12,11 @@ the active ones first, each group ordered by sample size, largest first. At step
 an epoch the members with a batch are those with more than ``s * batch`` shots, so they
 are always a prefix of the slots, and the step runs on views of that prefix (no copies,
 no zero-weight work for members that have finished their epoch or stopped). When a member
-stops early, the stack is reordered once so that the active ones stay in front. This is
-what lets one call train every shot count's seeds together (1-shot members take one step
-an epoch, 16-shot members thirteen).
+stops early, the stack is reordered once so that the active ones stay in front. The sweep
+calls it once per shot count, with that count's seeds, whose samples differ in size (one
+seed's draw may hold more rows than another's). It would also train several shot counts'
+members in one call; measured on the NIH-size sweep, that was slower (15.9 s against
+14.5 s of CPU for the 50 heads; benchmarks/RESULTS.md, fewshot), so the sweep does not.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class _AdamW:
     def step(self, slots: list[int], grads: dict[str, Any]) -> None:
         """One AdamW step for ``slots``; ``grads[name][j]`` is slot ``slots[j]``'s gradient."""
         import torch
-        from torch.optim.adam import adam  # torch's functional Adam(W)
+        from torch.optim.adamw import adamw  # torch's functional AdamW
 
         lists: tuple[list, ...] = ([], [], [], [], [])
         for name, views in self.views.items():
@@ -148,16 +150,15 @@ class _AdamW:
                 out.extend(items[i] for i in slots)
         c = self.config
         kwargs = dict(amsgrad=False, beta1=c.betas[0], beta2=c.betas[1], lr=c.lr,
-                      weight_decay=c.weight_decay, eps=c.eps, maximize=False,
-                      decoupled_weight_decay=True)
+                      weight_decay=c.weight_decay, eps=c.eps, maximize=False)
         with torch.no_grad():
             if self.fused:
                 try:
-                    adam(*lists[:4], [], lists[4], fused=True, **kwargs)
+                    adamw(*lists[:4], [], lists[4], fused=True, **kwargs)
                     return
                 except (RuntimeError, TypeError, ValueError):  # no fused kernel here
                     self.fused = False
-            adam(*lists[:4], [], lists[4], foreach=True, **kwargs)
+            adamw(*lists[:4], [], lists[4], foreach=True, **kwargs)
 
 
 class _Trainer:
