@@ -488,6 +488,7 @@ def test_prediction_threads_change_no_score_and_are_restored(world, monkeypatch)
 
     options = dict(shots=(2,), seeds=2, heads=("mlp", "knn"), keep_scores=True)
     before = torch.get_num_threads()
+    monkeypatch.setattr(sweep_module, "PREDICT_THREADS", 1)
     one = sweep(eval_data(world), **options)
     monkeypatch.setattr(sweep_module, "PREDICT_THREADS", 2)
     two = sweep(eval_data(world), **options)

@@ -32,12 +32,15 @@ from cxrembed.metrics import (macro_replicates, mean_auc, per_class_auc, percent
 log = logging.getLogger(__name__)
 
 #: BLAS/torch threads for the heads' test predictions (fits keep to one: a stream of tiny
-#: products). The scoring thread runs beside them; ``benchmarks/bench_fewshot.py
-#: --predict-threads`` measures the alternatives. Measured at NIH size on the shared
-#: 2-core machine (load 9-11): 2 threads took 75 s CPU and 679 s wall for the sweep
-#: against 58 s and 282 s with 1 (a 10-member training step likewise: 17.5 ms CPU with
-#: 1 thread, 70-123 ms with 2 at load 5). Scores differ only by float rounding (tested).
-PREDICT_THREADS = 1
+#: products): every core this process may use, as torch's own default would. The scoring
+#: thread runs beside them; ``benchmarks/bench_fewshot.py --predict-threads`` measures the
+#: alternatives. Measured at NIH size on the idle 2-core machine: 2 threads 33.3 s wall /
+#: 54.1 s CPU for the sweep against 44.0 s / 52.9 s with 1 (MLP predictions 9.3 s against
+#: 17.7 s). On a machine shared with other jobs it is the other way round (load 9-11: 2
+#: threads took 75 s CPU and 679 s wall against 58 s and 282 s with 1): set it to 1 there.
+#: Scores differ only by float rounding (tested).
+PREDICT_THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    os.cpu_count() or 1)
 
 
 class _Scorer:
