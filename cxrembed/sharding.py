@@ -157,4 +157,5 @@ def remove_all_shards(out: Path) -> None:
     for stale in out.parent.glob(f"{glob.escape(out.name)}.shard-*-of-*.h5*"):
         if _world_of(out, stale, r"(\..*)?") is not None:  # a shard, its marker, its temp
             stale.unlink(missing_ok=True)
-    out.with_name(out.name + ".joining").unlink(missing_ok=True)
+    for suffix in (".joining", ".tmp"):  # encode's join, the cache's (atomic_write)
+        out.with_name(out.name + suffix).unlink(missing_ok=True)

@@ -42,6 +42,7 @@ import numpy as np
 from cxrembed import sharding
 from cxrembed.distributed import Launch, rank_share
 from cxrembed.errors import DataError
+from cxrembed.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -130,46 +131,48 @@ def _check_shard_images(shard: Path, ids: np.ndarray, here: Launch) -> None:
 def join_caches(out: Path, parts: list[Path], join: str = "virtual") -> Path:
     """Write the complete caches ``parts`` (consecutive rows) as one complete cache at
     ``out``: ``virtual`` maps its pixels onto the parts' files (which must then stay
-    beside it), ``copy`` copies them. Written under ``OUT.joining`` and renamed, so a
-    kill leaves either no cache or the whole one."""
+    beside it), ``copy`` copies them. Written with :func:`cxrembed.files.atomic_write`
+    (under ``OUT.tmp``, then renamed), so a kill leaves either no cache or the whole one."""
     import h5py
 
     if not parts:
         raise DataError(f"no shard to join into {out}")
-    joining = out.with_name(out.name + ".joining")
     files = [h5py.File(p, "r") for p in parts]
     try:
         _check_parts(parts, files)
-        ids = np.concatenate([f["image_id"].asstr()[:] for f in files])
-        size, decoder = int(files[0].attrs["size"]), str(files[0].attrs["decoder"])
-        with h5py.File(joining, "w") as dst:
-            if join == "copy":
-                from cxrembed.data.cache import create_cache
-                from cxrembed.files import check_space
-
-                check_space(joining, len(ids) * size * size, f"a copy of {len(ids):,} images")
-                create_cache(dst, ids, size, decoder)
-                _copy_pixels(files, dst["pixels"])
-            else:
-                from cxrembed.data.cache import create_rows
-
-                create_rows(dst, ids, size, decoder)
-                _map_pixels(parts, files, dst, out.parent)
-            dst["done"][:] = np.concatenate([f["done"][:] for f in files])
-            skipped: dict[str, str] = {}
-            for f in files:
-                skipped.update(json.loads(f.attrs.get("skipped") or "{}"))
-            dst.attrs["skipped"] = json.dumps(skipped)
-            dst.flush()
-            dst.attrs["complete"] = True
-        os.replace(joining, out)
-    except BaseException:
-        joining.unlink(missing_ok=True)
-        raise
+        atomic_write(out, lambda tmp: _write_joined(tmp, out, parts, files, join))
     finally:
         for f in files:
             f.close()
     return out
+
+
+def _write_joined(path: Path, out: Path, parts: list[Path], files: list, join: str) -> None:
+    """The joined cache's content, written at ``path`` (renamed to ``out`` once whole)."""
+    import h5py
+
+    ids = np.concatenate([f["image_id"].asstr()[:] for f in files])
+    size, decoder = int(files[0].attrs["size"]), str(files[0].attrs["decoder"])
+    with h5py.File(path, "w") as dst:
+        if join == "copy":
+            from cxrembed.data.cache import create_cache
+            from cxrembed.files import check_space
+
+            check_space(path, len(ids) * size * size, f"a copy of {len(ids):,} images")
+            create_cache(dst, ids, size, decoder)
+            _copy_pixels(files, dst["pixels"])
+        else:
+            from cxrembed.data.cache import create_rows
+
+            create_rows(dst, ids, size, decoder)
+            _map_pixels(parts, files, dst, out.parent)
+        dst["done"][:] = np.concatenate([f["done"][:] for f in files])
+        skipped: dict[str, str] = {}
+        for f in files:
+            skipped.update(json.loads(f.attrs.get("skipped") or "{}"))
+        dst.attrs["skipped"] = json.dumps(skipped)
+        dst.flush()
+        dst.attrs["complete"] = True
 
 
 def _check_parts(parts: list[Path], files: list) -> None:
