@@ -56,6 +56,21 @@ def shared_nih() -> Path:
     return SHARED_NIH
 
 
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """``benchmark_script("run_all")``: the module benchmarks/run_all.py, loaded from its
+    file (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch intra-op thread for a module of training tests (restored after): on two

@@ -3,21 +3,13 @@ run takes hours: its table must fill in as it goes, not one size at a time)."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 
-def load_memory_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
-    spec = importlib.util.spec_from_file_location("memory_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_figure_is_printed_before_the_next_command_starts(tmp_path, monkeypatch, capsys):
-    bench = load_memory_benchmark()
+def test_every_figure_is_printed_before_the_next_command_starts(tmp_path, monkeypatch, capsys,
+                                                                benchmark_script):
+    bench = benchmark_script("memory")
     ran: list[tuple[str, str]] = []  # (command, what stdout held when it started)
     figures = iter(range(100, 10_000, 100))
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
@@ -38,12 +36,8 @@ H200: 5,000 images/s.
 
 
 @pytest.fixture(scope="module")
-def run_all():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
-    spec = importlib.util.spec_from_file_location("run_all", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_all(benchmark_script):
+    return benchmark_script("run_all")
 
 
 def test_only_the_blocks_run_are_replaced_and_every_other_figure_is_kept(run_all):
